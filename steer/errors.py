@@ -1,0 +1,34 @@
+"""Typed errors of the public API. Every message says what to do next."""
+
+from __future__ import annotations
+
+
+class SteerError(Exception):
+    """Base class of every error steer raises on purpose."""
+
+
+class UnsupportedModelError(SteerError, TypeError):
+    """The model (or pipeline) class has no steer adapter."""
+
+
+class UnknownMethodError(SteerError, KeyError):
+    """A method or recipe name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidParameterError(SteerError, ValueError):
+    """An unknown parameter name, a value of the wrong type or out of its range."""
+
+
+class MissingImageTokensError(SteerError, ValueError):
+    """A method that works on image tokens got a prompt without any."""
+
+
+class AlreadySteeredError(SteerError, RuntimeError):
+    """The same method is already active on this model."""
+
+
+class SteeringRemovedError(SteerError, RuntimeError):
+    """A handle was used after `remove()`."""

@@ -1,0 +1,237 @@
+"""steer's one attention function, registered with transformers' `AttentionInterface` as ``"steer"``.
+
+Every text attention module of a steered model calls it (the model's text sub-config has
+``_attn_implementation == "steer"`` while attention edits are installed). For a module without an
+active edit it calls the model's *original* backend (sdpa, eager, flash_attention_2, flex_attention)
+unchanged, so unedited layers keep their fused kernels and give bit-identical results. For an edited
+layer it runs, in order: mask edits, the group reweighting (LSE merge, `steer.kernels`), per-head output
+edits.
+
+A mask function is registered under the same name with `AttentionMaskInterface` (otherwise transformers
+silently drops causal and padding masks); it builds the mask the original backend expects.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from steer.edits import AttentionMask, EditContext, GroupReweight, HeadOutputEdit, HeadScale, evaluate
+
+if TYPE_CHECKING:
+    from steer.hooks.manager import Runtime
+
+IMPLEMENTATION = "steer"
+
+# id(text config) -> the backend it had before steer switched it. Configs are not hashable.
+_ORIGINAL_BACKEND: dict[int, str] = {}
+
+
+class LayerTag:
+    """Attached to an attention module while edits are installed: which runtime, which decoder layer."""
+
+    __slots__ = ("runtime", "layer")
+
+    def __init__(self, runtime: Runtime, layer: int) -> None:
+        self.runtime = runtime
+        self.layer = layer
+
+
+def set_original_backend(config: Any, name: str) -> None:
+    _ORIGINAL_BACKEND[id(config)] = name
+
+
+def forget_original_backend(config: Any) -> None:
+    _ORIGINAL_BACKEND.pop(id(config), None)
+
+
+def original_backend(config: Any) -> str:
+    return _ORIGINAL_BACKEND.get(id(config), "sdpa")
+
+
+def backend_function(name: str, module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """The attention function a backend name stands for; ``eager`` is the module's own modeling-file function."""
+    if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    modeling = sys.modules[type(module).__module__]
+    eager = getattr(modeling, "eager_attention_forward", None)
+    if eager is None:  # pragma: no cover - every supported family has one
+        raise RuntimeError(f"{type(module).__name__}: no eager_attention_forward in {modeling.__name__}")
+    return eager
+
+
+def steer_mask(*args: Any, **kwargs: Any) -> Any:
+    """Mask function for ``"steer"``: build exactly the mask the original backend would get."""
+    config = kwargs.get("config")
+    name = original_backend(config) if config is not None else "sdpa"
+    return ALL_MASK_ATTENTION_FUNCTIONS[name if name in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"](*args, **kwargs)
+
+
+def register() -> None:
+    """Register the attention and mask functions (idempotent, process-wide)."""
+    if AttentionInterface._global_mapping.get(IMPLEMENTATION) is not steer_attention:
+        AttentionInterface.register(IMPLEMENTATION, steer_attention)
+    if AttentionMaskInterface._global_mapping.get(IMPLEMENTATION) is not steer_mask:
+        AttentionMaskInterface.register(IMPLEMENTATION, steer_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# masks
+
+
+def _materialize_block_mask(block_mask: Any, batch: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q = torch.arange(q_len, device=device)[None, None, :, None]
+    k = torch.arange(k_len, device=device)[None, None, None, :]
+    return block_mask.mask_mod(b, h, q, k).expand(batch, 1, q_len, k_len).bool()
+
+
+def bool_mask(
+    attention_mask: Any, backend: str, batch: int, q_len: int, k_len: int, device: torch.device
+) -> torch.Tensor:
+    """The backend's mask as a boolean [B, 1, Lq, Lk] (True = may attend).
+
+    ``None`` from the sdpa mask means SDPA's ``is_causal`` (upper-left aligned: key k <= query row q)
+    when q_len > 1, and "attend to every key" for a single query row. Flash masks are 2-D padding masks
+    with lower-right aligned causality.
+    """
+    if attention_mask is None:
+        if q_len == 1:
+            return torch.ones(batch, 1, 1, k_len, dtype=torch.bool, device=device)
+        q = torch.arange(q_len, device=device)[:, None]
+        k = torch.arange(k_len, device=device)[None, :]
+        return (k <= q)[None, None].expand(batch, 1, q_len, k_len)
+    if isinstance(attention_mask, torch.Tensor):
+        if attention_mask.dim() == 2:  # flash: padding mask [B, Lk]
+            q = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+            k = torch.arange(k_len, device=device)[None, :]
+            causal = (k <= q)[None, None]
+            return causal & attention_mask.bool()[:, None, None, :k_len]
+        mask = attention_mask[..., :k_len]
+        if mask.dtype == torch.bool:
+            return mask
+        return mask > torch.finfo(mask.dtype).min / 2
+    return _materialize_block_mask(attention_mask, batch, q_len, k_len, device)
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Hkv, L, D] -> [B, heads, L, D] (GQA)."""
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def masked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """softmax(QK^T * scale + bias, masked) V with a boolean mask; fully masked rows give zeros. [B, H, Lq, D]."""
+    heads = query.shape[1]
+    k, v = repeat_kv(key, heads), repeat_kv(value, heads)
+    if bias is None:
+        attn_mask: torch.Tensor = mask
+    else:
+        floor = torch.finfo(query.dtype).min
+        attn_mask = bias.to(query.dtype).masked_fill(~mask, floor)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=attn_mask, scale=scale)
+    empty = ~mask.any(dim=-1, keepdim=True)
+    if bool(empty.any()):
+        out = out.masked_fill(empty, 0.0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the registered function
+
+
+def steer_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """Attention for steered models; same signature and return convention as transformers' backends.
+
+    query [B, Hq, Lq, D]; key/value [B, Hkv, Lk, D] (cache included, GQA not repeated); returns the
+    output [B, Lq, Hq, D] (contiguous) and ``None`` for the weights on edited layers.
+    """
+    config = getattr(module, "config", None)
+    backend_name = original_backend(config)
+    backend = backend_function(backend_name, module)
+    tag: LayerTag | None = getattr(module, "_steer_layer", None)
+    if tag is None or tag.runtime.bypassed:
+        return backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    runtime = tag.runtime
+    phase = runtime.context.phase
+    edits = [e for e in runtime.attention_edits.get(tag.layer, ()) if e.active_in(phase)]
+    if not edits:
+        return backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    batch, heads, q_len, head_dim = query.shape
+    k_len = key.shape[2]
+    scale = scaling if scaling is not None else head_dim**-0.5
+    mask_edits = [e for e in edits if isinstance(e, AttentionMask)]
+    reweights = [e for e in edits if isinstance(e, GroupReweight)]
+    output_edits = [e for e in edits if isinstance(e, (HeadScale, HeadOutputEdit))]
+
+    def context_for(edit: Any) -> EditContext:
+        return EditContext(
+            forward=runtime.context,
+            adapter=runtime.adapter,
+            layer=tag.layer,
+            query_len=q_len,
+            key_len=k_len,
+            scratch=runtime.context.scratch.setdefault(id(edit), {}),
+        )
+
+    if mask_edits or reweights:
+        mask = bool_mask(attention_mask, backend_name, batch, q_len, k_len, query.device)
+        bias = None
+        changed = False
+        for edit in mask_edits:
+            value_ = evaluate(edit.mask, context_for(edit))
+            if value_ is None:
+                continue
+            changed = True
+            value_ = value_.to(query.device)
+            if edit.mode == "and":
+                mask = mask & value_.bool()
+            elif edit.mode == "replace":
+                mask = value_.bool().expand(batch, -1, q_len, k_len)
+            else:
+                bias = value_ if bias is None else bias + value_
+        if changed:
+            base = masked_attention(query, key, value, mask, bias, scale)
+        else:
+            out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            base = out.transpose(1, 2)
+        if reweights:
+            if len(reweights) > 1:
+                raise RuntimeError(
+                    f"layer {tag.layer}: {len(reweights)} GroupReweight edits are active; combine them into one "
+                    "(one coefficient function over the union of groups)"
+                )
+            if bias is not None:
+                raise NotImplementedError("GroupReweight together with an additive mask on one layer")
+            base = runtime.run_group_reweight(reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base)
+        out = base.transpose(1, 2)
+    else:
+        out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    for edit in output_edits:
+        out = edit.apply(out, context_for(edit))
+    return out.to(query.dtype).contiguous(), None

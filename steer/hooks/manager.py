@@ -1,0 +1,406 @@
+"""The hook manager: the only code that touches a model.
+
+One :class:`Runtime` per steered model holds the edits of every active :class:`Steering` handle and
+the hooks that run them. Any change (a new handle, a removed one) uninstalls everything and installs
+the union again, so the installed state is always a function of the active handles. When the last
+handle goes, the model is exactly as it was: hooks removed, layer tags deleted, the text config's
+``_attn_implementation`` restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from steer.edits import (
+    ATTENTION_EDITS,
+    AttentionEdit,
+    Edit,
+    EditContext,
+    GroupReweight,
+    InputEdit,
+    LogitsTransform,
+    ModuleHook,
+    ResidualAdd,
+    evaluate,
+)
+from steer.errors import MissingImageTokensError, SteeringRemovedError
+from steer.hooks import attention as attention_fn
+from steer.hooks.context import ForwardContext
+
+if TYPE_CHECKING:
+    from steer.adapters.base import Adapter
+
+_RUNTIME_ATTR = "_steer_runtime"
+_PREFILL_INPUT_KEYS = ("image_grid_thw", "image_sizes", "pixel_values", "mm_token_type_ids", "video_grid_thw")
+
+
+class Runtime:
+    """All steer state attached to one model."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.handles: list[Steering] = []
+        self.context = ForwardContext()
+        self.attention_edits: dict[int, list[AttentionEdit]] = {}
+        self._bypass = 0
+        self._hooks: list[Any] = []
+        self._tagged: list[nn.Module] = []
+        self._saved_impl: tuple[Any, Any] | None = None
+
+    # ---- lookup -----------------------------------------------------------------------------------
+    @staticmethod
+    def of(model: nn.Module) -> Runtime | None:
+        return model.__dict__.get(_RUNTIME_ATTR)
+
+    @classmethod
+    def ensure(cls, model: nn.Module, adapter: Adapter) -> Runtime:
+        runtime = cls.of(model)
+        if runtime is None:
+            runtime = cls(model, adapter)
+            model.__dict__[_RUNTIME_ATTR] = runtime
+        return runtime
+
+    # ---- the guard for auxiliary passes -----------------------------------------------------------
+    @property
+    def bypassed(self) -> bool:
+        return self._bypass > 0
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the model with every edit disabled (auxiliary passes; the per-forward context is kept)."""
+        self._bypass += 1
+        try:
+            yield
+        finally:
+            self._bypass -= 1
+
+    # ---- handles ----------------------------------------------------------------------------------
+    def attach(self, handle: Steering) -> None:
+        self.handles.append(handle)
+        try:
+            self._reinstall()
+        except BaseException:
+            self.handles.remove(handle)
+            self._reinstall()
+            raise
+
+    def detach(self, handle: Steering) -> None:
+        if handle in self.handles:
+            self.handles.remove(handle)
+        self._reinstall()
+        if not self.handles:
+            self.model.__dict__.pop(_RUNTIME_ATTR, None)
+
+    def edits(self) -> list[Edit]:
+        return [e for h in self.handles for e in h.edits]
+
+    # ---- install / uninstall ----------------------------------------------------------------------
+    def _reinstall(self) -> None:
+        self._uninstall()
+        if self.handles:
+            self._install()
+
+    def _install(self) -> None:
+        adapter = self.adapter
+        model = self.model
+        edits = self.edits()
+        self._hooks.append(model.register_forward_pre_hook(self._capture_context, with_kwargs=True))
+
+        attention_edits = [e for e in edits if isinstance(e, ATTENTION_EDITS)]
+        for edit in attention_edits:
+            for layer in edit.resolve_layers(adapter.num_layers):
+                self.attention_edits.setdefault(layer, []).append(edit)
+        if self.attention_edits:
+            attention_fn.register()
+            config = adapter.attention_config
+            original = config._attn_implementation_internal
+            self._saved_impl = (config, original)
+            backend = original if original and original != attention_fn.IMPLEMENTATION else "sdpa"
+            attention_fn.set_original_backend(config, backend)
+            config._attn_implementation_internal = attention_fn.IMPLEMENTATION
+            for layer in self.attention_edits:
+                module = adapter.attention(layer)
+                module._steer_layer = attention_fn.LayerTag(self, layer)
+                self._tagged.append(module)
+
+        for edit in edits:
+            if isinstance(edit, ResidualAdd):
+                for layer in edit.resolve_layers(adapter.num_layers):
+                    hook = self._residual_hook(edit, layer)
+                    self._hooks.append(adapter.decoder_layers[layer].register_forward_hook(hook))
+            elif isinstance(edit, LogitsTransform):
+                self._hooks.append(adapter.lm_head.register_forward_hook(self._logits_hook(edit)))
+            elif isinstance(edit, InputEdit):
+                hook = self._input_hook(edit)
+                self._hooks.append(adapter.text_model.register_forward_pre_hook(hook, with_kwargs=True))
+            elif isinstance(edit, ModuleHook):
+                target = edit.target(adapter)
+                if edit.pre:
+                    self._hooks.append(target.register_forward_pre_hook(self._module_pre_hook(edit), with_kwargs=True))
+                else:
+                    self._hooks.append(target.register_forward_hook(self._module_hook(edit)))
+
+    def _uninstall(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for module in self._tagged:
+            module.__dict__.pop("_steer_layer", None)
+        self._tagged.clear()
+        self.attention_edits = {}
+        if self._saved_impl is not None:
+            config, original = self._saved_impl
+            config._attn_implementation_internal = original
+            attention_fn.forget_original_backend(config)
+            self._saved_impl = None
+        self.context = ForwardContext()
+
+    # ---- per-forward context ----------------------------------------------------------------------
+    def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.bypassed:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        reference = input_ids if input_ids is not None else embeds
+        if reference is None:
+            return
+        batch, q_len = reference.shape[0], reference.shape[1]
+        padding = kwargs.get("attention_mask")
+        padding = padding.bool() if isinstance(padding, torch.Tensor) and padding.dim() == 2 else None
+        if past == 0:
+            inputs = {k: kwargs[k] for k in _PREFILL_INPUT_KEYS if kwargs.get(k) is not None}
+            image_mask = spans = None
+            if input_ids is not None:
+                image_mask = self.adapter.image_token_mask(input_ids)
+                spans = self.adapter.image_spans(input_ids, inputs)
+            self.context = ForwardContext(
+                phase="prefill",
+                batch_size=batch,
+                query_len=q_len,
+                past_length=0,
+                prompt_ids=input_ids,
+                image_mask=image_mask,
+                image_spans=spans,
+                padding_mask=padding,
+                inputs=inputs,
+            )
+            self._check_image_tokens()
+        else:
+            ctx = self.context
+            ctx.phase = "decode"
+            ctx.batch_size = batch
+            ctx.query_len = q_len
+            ctx.past_length = past
+            ctx.padding_mask = padding
+            ctx.forward_index += 1
+
+    def _check_image_tokens(self) -> None:
+        needing = [name for h in self.handles for name in h.methods_needing_images]
+        if not needing:
+            return
+        ctx = self.context
+        if ctx.image_mask is None:
+            raise MissingImageTokensError(
+                f"{', '.join(needing)} needs to know where the image tokens are, but the model was called with "
+                "inputs_embeds only. Call it (or generate) with input_ids from the processor."
+            )
+        missing = [b for b in range(ctx.batch_size) if not bool(ctx.image_mask[b].any())]
+        if missing:
+            raise MissingImageTokensError(
+                f"{', '.join(needing)} works on image tokens, but prompt row(s) {missing} contain none "
+                f"(token id {self.adapter.image_token_id}). Put the image placeholder in the prompt (the "
+                "processor expands it), pass images to the processor, or remove the method for text-only prompts."
+            )
+
+    def edit_context(self, edit: Edit, layer: int | None = None) -> EditContext:
+        return EditContext(
+            forward=self.context,
+            adapter=self.adapter,
+            layer=layer,
+            scratch=self.context.scratch.setdefault(id(edit), {}),
+        )
+
+    # ---- hook factories ---------------------------------------------------------------------------
+    def _residual_hook(self, edit: ResidualAdd, layer: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if self.bypassed:
+                return None
+            phase = self.context.phase
+            if (edit.positions == "prompt" and phase != "prefill") or (edit.positions == "new" and phase != "decode"):
+                return None
+            vector = evaluate(edit.vector, self.edit_context(edit, layer))
+            if vector is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            vector = vector.to(device=hidden.device, dtype=hidden.dtype)
+            if vector.dim() == 2:  # [B, D]
+                vector = vector[:, None, :]
+            hidden = hidden + vector
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    def _logits_hook(self, edit: LogitsTransform):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
+            if self.bypassed:
+                return None
+            return edit.fn(output, self.edit_context(edit))
+
+        return hook
+
+    def _input_hook(self, edit: InputEdit):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if self.bypassed:
+                return None
+            new = edit.fn(dict(kwargs), self.edit_context(edit))
+            return None if new is None else (args, new)
+
+        return hook
+
+    def _module_hook(self, edit: ModuleHook):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if self.bypassed:
+                return None
+            return edit.fn(module, args, output, self.edit_context(edit))
+
+        return hook
+
+    def _module_pre_hook(self, edit: ModuleHook):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if self.bypassed:
+                return None
+            return edit.fn(module, args, kwargs, self.edit_context(edit))
+
+        return hook
+
+    # ---- group reweighting (called by the attention function) -------------------------------------
+    def run_group_reweight(
+        self,
+        edit: GroupReweight,
+        ectx: EditContext,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor,
+        scale: float,
+        base: torch.Tensor,
+    ) -> torch.Tensor:
+        """Apply ``edit`` to one layer's attention; ``base`` is the unedited output [B, H, Lq, D]."""
+        from steer.kernels.dispatch import reweighted_attention
+
+        ctx = self.context
+        k_len = key.shape[2]
+        if edit.groups == "image":
+            image = ctx.key_image_mask(k_len, key.device)
+            if image is None:
+                raise MissingImageTokensError(
+                    "GroupReweight(groups='image') needs input_ids to find the image tokens; the model was "
+                    "called with inputs_embeds only."
+                )
+            labels = image.long()
+        else:
+            labels = edit.groups(ectx).to(key.device).long()
+            if labels.shape[1] < k_len:
+                pad = labels.new_zeros(labels.shape[0], k_len - labels.shape[1])
+                labels = torch.cat([labels, pad], dim=1)
+            labels = labels[:, :k_len]
+        rows: torch.Tensor | None
+        if edit.rows == "all" or edit.rows is None:
+            rows = None
+        elif edit.rows == "after_image":
+            rows = ctx.rows_after_first_image(query.device)
+        elif edit.rows == "new":
+            rows = None if ctx.phase == "decode" else torch.zeros(query.shape[0], query.shape[2], dtype=torch.bool)
+        else:
+            rows = edit.rows(ectx)
+        if rows is not None:
+            rows = rows.to(query.device)
+            if not bool(rows.any()):
+                return base
+        return reweighted_attention(
+            query,
+            key,
+            value,
+            mask,
+            scale,
+            labels,
+            edit.coefficient_fn(ectx),
+            rows=rows,
+            renormalize=edit.renormalize,
+            base_out=base,
+        )
+
+
+class Steering:
+    """The handle `steer.apply` returns: remove it (or leave its ``with`` block) and the model is as before.
+
+    - ``params``: the resolved parameters per method name;
+    - ``state``: what each method computed on the last call (sink tokens, chosen heads, kept indices...);
+    - ``edits``: the low-level edits this handle installed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        edits: list[Edit],
+        params: dict[str, dict[str, Any]] | None = None,
+        state: dict[str, Any] | None = None,
+        methods_needing_images: tuple[str, ...] = (),
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.edits = list(edits)
+        self.params: dict[str, dict[str, Any]] = params or {}
+        self.state: dict[str, Any] = state if state is not None else {}
+        self.methods_needing_images = methods_needing_images
+        self._runtime: Runtime | None = None
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.params)
+
+    @property
+    def active(self) -> bool:
+        return self._runtime is not None
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise SteeringRemovedError("this Steering handle was removed; call steer.apply again")
+        return self._runtime
+
+    def install(self) -> Steering:
+        runtime = Runtime.ensure(self.model, self.adapter)
+        runtime.attach(self)
+        self._runtime = runtime
+        return self
+
+    def remove(self) -> None:
+        """Remove every edit of this handle; idempotent. Other handles on the same model stay."""
+        runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            runtime.detach(self)
+
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
+        """``with handle.disabled():`` runs the model with every steer edit off (e.g. for a baseline)."""
+        return self.runtime.disabled()
+
+    def __enter__(self) -> Steering:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        what = ", ".join(self.methods) or f"{len(self.edits)} edit(s)"
+        status = "active" if self.active else "removed"
+        return f"<Steering {what} on {type(self.model).__name__} ({status})>"
