@@ -6,7 +6,8 @@
 """
 
 from steer import edits
-from steer.api import apply, methods
+from steer import methods as _builtin_methods  # noqa: F401  (registers them; the name is rebound below)
+from steer.api import apply, methods  # `steer.methods` is the function; the package stays importable
 from steer.errors import (
     AlreadySteeredError,
     InvalidParameterError,
