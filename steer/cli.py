@@ -23,7 +23,16 @@ def _mount_evals() -> None:
     app.add_typer(pope_app, name="pope", help="POPE yes/no hallucination scoring.")
 
 
+def _mount_calibration() -> None:
+    try:
+        from steer.methods.calibration import calibrate_app
+    except ImportError:  # pragma: no cover - no calibration commands in this build
+        return
+    app.add_typer(calibrate_app, name="calibrate", help="Find model-specific constants (e.g. VAR's sink channels).")
+
+
 _mount_evals()
+_mount_calibration()
 
 
 @app.command("methods")

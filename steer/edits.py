@@ -49,7 +49,8 @@ class EditContext:
 
     ``forward`` holds phase (prefill/decode), image-token positions per sample and padding;
     ``query_len``/``key_len`` are set inside attention; ``scratch`` is a dict private to the edit for
-    the current `generate`/forward call (cleared at every prefill).
+    the current `generate`/forward call (cleared at every prefill); ``runtime`` gives methods that run
+    auxiliary passes the guard ``runtime.disabled()`` (every edit off).
     """
 
     forward: ForwardContext
@@ -58,6 +59,7 @@ class EditContext:
     query_len: int | None = None
     key_len: int | None = None
     scratch: dict[str, Any] = field(default_factory=dict)
+    runtime: Any = None
 
     @property
     def phase(self) -> str:

@@ -197,6 +197,7 @@ def steer_attention(
             query_len=q_len,
             key_len=k_len,
             scratch=runtime.context.scratch.setdefault(id(edit), {}),
+            runtime=runtime,
         )
 
     if mask_edits or reweights:

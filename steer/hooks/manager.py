@@ -226,6 +226,7 @@ class Runtime:
             adapter=self.adapter,
             layer=layer,
             scratch=self.context.scratch.setdefault(id(edit), {}),
+            runtime=self,
         )
 
     # ---- hook factories ---------------------------------------------------------------------------
