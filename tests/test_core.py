@@ -45,6 +45,7 @@ def test_remove_restores_bit_identical(family: str, impl: str) -> None:
     inputs = batch_inputs(processor, family)
     ref_logits, ref_tokens = logits(untouched, inputs), generate(untouched, inputs)
     ref_beams = generate(untouched, inputs, num_beams=3)
+    logits(model, inputs)  # transformers installs its own output-capturing hooks on the first call
     hooks_before = hook_count(model)
 
     handle = steer.apply(model, strong_edits(model))

@@ -5,7 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from steer.adapters.base import Adapter
-from steer.adapters.families import ADAPTERS, LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter, Qwen2VLAdapter
+from steer.adapters.families import (
+    ADAPTERS,
+    LlavaAdapter,
+    LlavaNextAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen2VLAdapter,
+)
 from steer.errors import UnsupportedModelError
 
 FAMILIES: tuple[str, ...] = tuple(a.family for a in ADAPTERS)
