@@ -77,6 +77,9 @@ def demo(
     """Run a steered generation on a built-in tiny model (offline) and print what changed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     import steer
     from steer import zoo
