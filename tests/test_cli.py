@@ -16,7 +16,7 @@ def test_demo_runs_offline_and_reports_changes() -> None:
     result = runner.invoke(app, ["demo", "--max-new-tokens", "4"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "GroupReweight" in result.output
-    assert re.search(r"after remove\(\): identical to\s+│\s+True", result.output), result.output
+    assert re.search(r"after remove\(\): identical to unsteered\s+│\s+True", result.output), result.output
     assert "16 image tokens" in result.output
 
 
