@@ -259,3 +259,15 @@ def test_methods_listing() -> None:
     assert listing["image_attention"]["needs_image_tokens"] is True
     alpha = next(p for p in listing["scale_heads"]["params"] if p["name"] == "alpha")
     assert alpha["default"] == 2.0 and alpha["range"] == (0.0, 100.0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_static_cache_equals_dynamic_cache(family: str) -> None:
+    """With a StaticCache the keys are max_cache_len long; image groups and masks must still line up."""
+    model, processor = zoo.load_tiny(family)
+    inputs = batch_inputs(processor, family)
+    with steer.apply(model, ["image_attention", "scale_heads"], scale=3.0, alpha=2.0):
+        dynamic = generate(model, inputs, max_new_tokens=5)
+        static = generate(model, inputs, max_new_tokens=5, cache_implementation="static")
+    assert torch.equal(dynamic, static)
+    assert not torch.equal(dynamic, generate(model, inputs, max_new_tokens=5))
