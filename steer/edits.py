@@ -15,6 +15,7 @@ edit                  what it does
 `LogitsTransform`     f <- g(f) on the final logits
 `InputEdit`           change the language model's forward inputs (positions, masks)
 `ModuleHook`          escape hatch: a forward (pre-)hook on any named submodule
+`MethodWrap`          wrap a method of a submodule (e.g. Qwen's ``get_rope_index``)
 ====================  ====================================================================
 
 Values that depend on the input (a per-sample head set, a mask built from image positions) are
@@ -207,7 +208,9 @@ class GroupReweight(AttentionEdit):
     [B, L_prompt] (decoded keys get label 0). ``coefficients``: a list of G+1 floats, or a callable
     ``(masses [B, H, Lq, G+1], ectx) -> c`` broadcastable to it. ``rows``: which query rows are edited:
     ``"all"``, ``"after_image"`` (prefill: text rows after the sample's first image token; decode: the
-    new rows), ``"new"`` (decode rows only) or a callable returning bool [B, Lq].
+    new rows), ``"new"`` (decode rows only) or a callable returning bool [B, Lq]. ``impl`` is handed to
+    `steer.kernels.dispatch.reweighted_attention`: ``"auto"``/``"fused"`` (LSE merge) or ``"reference"``
+    (materialised probabilities; tests and tiny shapes).
     """
 
     layers: LayerSelection
@@ -216,6 +219,7 @@ class GroupReweight(AttentionEdit):
     rows: Rows = "all"
     renormalize: bool = False
     phase: Phase = "all"
+    impl: Literal["auto", "fused", "reference"] = "auto"
 
     def coefficient_fn(self, ectx: EditContext) -> Callable[[torch.Tensor], torch.Tensor]:
         if callable(self.coefficients):
@@ -278,12 +282,41 @@ class ModuleHook(Edit):
     ``fn`` follows PyTorch's hook signatures with the edit context appended:
     forward hook ``fn(module, args, output, ectx) -> output | None``;
     pre-hook (``pre=True``, kwargs included) ``fn(module, args, kwargs, ectx) -> (args, kwargs) | None``.
+    ``in_aux=True``: the hook also runs inside auxiliary passes (``runtime.disabled()``), e.g. to capture
+    activations there; ``fn`` then sees ``ectx.runtime.bypassed`` and must act only in its own pass.
+    ``prepend=True``: run before the hooks already on the module; on the top-level model a pre-hook then
+    runs before the per-forward context capture and may rewrite the inputs it records (token pruning).
     """
 
     module: str | Callable[[Adapter], torch.nn.Module]
     fn: Callable[..., Any]
     pre: bool = False
+    in_aux: bool = False
+    prepend: bool = False
     stage = "residual"
+
+    def target(self, adapter: Adapter) -> torch.nn.Module:
+        if callable(self.module):
+            return self.module(adapter)
+        return adapter.model.get_submodule(self.module)
+
+
+@dataclass
+class MethodWrap(Edit):
+    """Wrap a method of a submodule while installed: ``module.name(*args, **kwargs)`` returns
+    ``fn(original, args, kwargs, ectx)``, where ``original`` is the callable it replaces (the bound
+    method, or an earlier wrap of it: wraps of one method chain in ``apply`` order).
+
+    Installed as an instance attribute of the module and removed again on ``remove()``. With every edit
+    disabled (``runtime.disabled()``) the wrapper calls ``original`` directly. The method may run
+    outside the model's forward (``generate`` prepares positions before the prefill), so
+    ``ectx.forward`` can still be the previous call's context there.
+    """
+
+    module: str | Callable[[Adapter], torch.nn.Module]
+    name: str
+    fn: Callable[..., Any]
+    stage = "input"
 
     def target(self, adapter: Adapter) -> torch.nn.Module:
         if callable(self.module):

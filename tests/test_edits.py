@@ -221,3 +221,19 @@ def test_decode_context_tracks_positions() -> None:
         generate(model, inputs, max_new_tokens=3)
     t = inputs["input_ids"].shape[1]
     assert seen == [("prefill", 0, t, t), ("decode", t, 1, t + 1), ("decode", t + 1, 1, t + 2)]
+
+
+def test_adjacent_images_split_during_generate() -> None:
+    """generate() hands the model encoded images, not pixel_values; LLaVA spans still split per image."""
+    model, processor = zoo.load_tiny("llava")
+    prompt = "USER: <image><image>\nTwo pictures. ASSISTANT:"
+    inputs = zoo.make_inputs(processor, "llava", [prompt], [[zoo.sample_image(1), zoo.sample_image(2)]])
+    seen: list = []
+
+    def record(out: torch.Tensor, ectx: edits.EditContext) -> None:
+        if ectx.phase == "prefill" and ectx.layer == 0:
+            seen.append(ectx.forward.image_spans[0])
+
+    with steer.apply(model, edits.HeadOutputEdit(layers=[0], fn=record)):
+        generate(model, inputs, max_new_tokens=2)
+    assert [e - s for s, e in seen[0]] == [16, 16]

@@ -98,16 +98,23 @@ class Adapter:
         return input_ids == self.image_token_id
 
     def tokens_per_image(self, inputs: dict[str, Any]) -> list[int] | None:
-        """Image-token count of each image of the batch in order, when the family makes it knowable."""
+        """Image-token count of each image of the batch in order, when the inputs make it knowable."""
+        return None
+
+    @property
+    def tokens_per_image_fixed(self) -> int | None:
+        """The token count of every image when it does not depend on the image (LLaVA-1.5)."""
         return None
 
     def image_spans(self, input_ids: torch.Tensor, inputs: dict[str, Any] | None = None) -> list[list[tuple[int, int]]]:
         """Per sample, the [start, end) span of each image's tokens, in prompt order.
 
         Spans are the runs of image tokens; a run that holds several adjacent images is split when the
-        per-image token counts are known (:meth:`tokens_per_image`).
+        per-image token counts are known (:attr:`tokens_per_image_fixed`, or :meth:`tokens_per_image` from
+        the inputs; `generate` passes encoded images instead of pixel inputs, so those may be absent).
         """
         mask = self.image_token_mask(input_ids).cpu()
+        fixed = self.tokens_per_image_fixed
         counts = self.tokens_per_image(inputs or {})
         queue = list(counts) if counts else None
         spans: list[list[tuple[int, int]]] = []
@@ -115,6 +122,9 @@ class Adapter:
             runs = _runs(row)
             row_spans: list[tuple[int, int]] = []
             for start, end in runs:
+                if fixed:
+                    row_spans.extend((p, min(p + fixed, end)) for p in range(start, end, fixed))
+                    continue
                 if queue is None:
                     row_spans.append((start, end))
                     continue

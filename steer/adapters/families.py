@@ -16,15 +16,18 @@ class LlavaAdapter(Adapter):
     family = "llava-1.5"
     model_classes = ("LlavaForConditionalGeneration",)
 
-    def tokens_per_image(self, inputs: dict[str, Any]) -> list[int] | None:
+    @property
+    def tokens_per_image_fixed(self) -> int | None:
+        """Every LLaVA-1.5 image gives (image_size / patch_size)^2 tokens (+1 with the "full" strategy)."""
         vision = self.config.vision_config
         n = (vision.image_size // vision.patch_size) ** 2
-        if self.config.vision_feature_select_strategy == "full":
-            n += 1
+        return n + 1 if self.config.vision_feature_select_strategy == "full" else n
+
+    def tokens_per_image(self, inputs: dict[str, Any]) -> list[int] | None:
         pixel_values = inputs.get("pixel_values")
         if not isinstance(pixel_values, torch.Tensor):
             return None
-        return [n] * pixel_values.shape[0]
+        return [self.tokens_per_image_fixed or 0] * pixel_values.shape[0]
 
 
 class LlavaNextAdapter(Adapter):

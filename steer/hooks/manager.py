@@ -10,6 +10,7 @@ handle goes, the model is exactly as it was: hooks removed, layer tags deleted, 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from steer.edits import (
     GroupReweight,
     InputEdit,
     LogitsTransform,
+    MethodWrap,
     ModuleHook,
     ResidualAdd,
     evaluate,
@@ -52,6 +54,7 @@ class Runtime:
         self._hooks: list[Any] = []
         self._tagged: list[nn.Module] = []
         self._saved_impl: tuple[Any, Any] | None = None
+        self._wrapped: list[tuple[nn.Module, str, bool, Any]] = []
 
     # ---- lookup -----------------------------------------------------------------------------------
     @staticmethod
@@ -142,14 +145,23 @@ class Runtime:
             elif isinstance(edit, ModuleHook):
                 target = edit.target(adapter)
                 if edit.pre:
-                    self._hooks.append(target.register_forward_pre_hook(self._module_pre_hook(edit), with_kwargs=True))
+                    hook = self._module_pre_hook(edit)
+                    self._hooks.append(target.register_forward_pre_hook(hook, with_kwargs=True, prepend=edit.prepend))
                 else:
-                    self._hooks.append(target.register_forward_hook(self._module_hook(edit)))
+                    self._hooks.append(target.register_forward_hook(self._module_hook(edit), prepend=edit.prepend))
+            elif isinstance(edit, MethodWrap):
+                self._wrap_method(edit)
 
     def _uninstall(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for target, name, had, previous in reversed(self._wrapped):
+            if had:
+                target.__dict__[name] = previous
+            else:
+                target.__dict__.pop(name, None)
+        self._wrapped.clear()
         for module in self._tagged:
             module.__dict__.pop("_steer_layer", None)
         self._tagged.clear()
@@ -268,7 +280,7 @@ class Runtime:
 
     def _module_hook(self, edit: ModuleHook):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            if self.bypassed:
+            if self.bypassed and not edit.in_aux:
                 return None
             return edit.fn(module, args, output, self.edit_context(edit))
 
@@ -276,11 +288,25 @@ class Runtime:
 
     def _module_pre_hook(self, edit: ModuleHook):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if self.bypassed:
+            if self.bypassed and not edit.in_aux:
                 return None
             return edit.fn(module, args, kwargs, self.edit_context(edit))
 
         return hook
+
+    def _wrap_method(self, edit: MethodWrap) -> None:
+        target = edit.target(self.adapter)
+        original = getattr(target, edit.name)
+        had = edit.name in target.__dict__
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self.bypassed:
+                return original(*args, **kwargs)
+            return edit.fn(original, args, kwargs, self.edit_context(edit))
+
+        self._wrapped.append((target, edit.name, had, target.__dict__.get(edit.name)))
+        target.__dict__[edit.name] = wrapper
 
     # ---- group reweighting (called by the attention function) -------------------------------------
     def run_group_reweight(
@@ -337,6 +363,7 @@ class Runtime:
             rows=rows,
             renormalize=edit.renormalize,
             base_out=base,
+            impl=edit.impl,
         )
 
 

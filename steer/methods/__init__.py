@@ -1,3 +1,8 @@
 """Built-in methods. Importing this package registers them."""
 
-from steer.methods import primitives  # noqa: F401
+from steer.methods import (
+    cca,  # noqa: F401
+    primitives,  # noqa: F401
+    var,  # noqa: F401
+    vhr,  # noqa: F401
+)

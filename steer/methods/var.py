@@ -1,0 +1,411 @@
+"""VAR — Visual Attention Redistribution (Kang, Kim, Kim, Hwang, "See What You Are Told: Visual Attention
+Sink in Large Multimodal Models", ICLR 2025, arXiv 2503.03321; spec: ``specs/var.md``).
+
+Some visual tokens behave like the BOS token: they carry massive activations in a few fixed hidden channels
+``D_sink`` and soak up attention without carrying information. VAR takes part of the attention that
+image-centric text rows give to sink tokens and hands it to the non-sink visual tokens. No extra pass.
+
+Per call (``model(...)`` / ``generate``), for each decoder layer l ∈ [2, L−1] (minus L−1 with
+``exclude_last_layer``) and each sample b:
+
+1. **Sinks** (prefill, a forward pre-hook on the layer; x = the residual stream entering it, fp32)::
+
+       φ_j = max_{d ∈ D_sink} |x_j[d]| / sqrt(mean_d x_j² + 1e-6),   sink_j = (φ_j > τ) ∧ j not padding
+
+2. **Key groups** (labels handed to `GroupReweight`): ``Sv = sink ∩ vis`` (1), ``St = sink \\ vis`` (2),
+   ``Nv = vis \\ sink`` (3), everything else (0). Keys decoded later are never sinks (label 0).
+3. **Eligible rows**: prefill — text rows after the sample's first image token; decode — the new row.
+   A (layer, sample) without visual sinks is left unchanged (``skip_layers_without_visual_sink``).
+4. **Masses** ``m_g = Σ_{j∈g} α_qj = exp(lse_g − lse_all)`` per (b, head, row), from the fused kernel.
+5. **Row selection**: with ``V = m_Sv + m_Nv`` a row is selected iff
+   ``V ≥ min_visual_mass`` and ``m_Sv / (V + |vis|·1e-6) ≤ 1 − ρ`` (and ``m_Nv > 0``: the budget needs a
+   receiver). Per (layer, sample, head, row).
+6. **Redistribution** (selected rows, post-softmax)::
+
+       Ω = (1 − p)(m_Sv + m_St),   c_Sv = c_St = p,   c_Nv = 1 + Ω / m_Nv,   c_O = 1,   α'_qj = c_{g(j)} α_qj
+
+   Every other row keeps c = 1. The row still sums to 1; nothing goes to text keys.
+7. **Output** ``o' = Σ_g c_g m_g out_g`` via `steer.kernels` (LSE merge, no probability tensor);
+   ``impl="reference"`` uses the materialised-probability reference instead (tests, tiny shapes).
+
+``Steering.state["var"]``: ``sink_dims`` and where they came from, the edited ``layers`` and, for the last
+call, ``samples[b][layer]`` = ``{"visual_sinks": [...], "text_sinks": [...], "skipped": bool,
+"selected_rows": LongTensor [H], "eligible_rows": LongTensor []}`` (positions are sequence indices, left
+padding included; row counts add up prefill and decode rows; with beams, b is the expanded batch row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from steer.edits import Edit, EditContext, GroupReweight, ModuleHook
+from steer.errors import InvalidParameterError
+from steer.registry import Method, param, register
+
+if TYPE_CHECKING:
+    from steer.adapters.base import Adapter
+
+__all__ = [
+    "LABEL_NV",
+    "LABEL_OTHER",
+    "LABEL_ST",
+    "LABEL_SV",
+    "VAR",
+    "group_labels",
+    "known_sink_dims",
+    "sink_flags",
+    "sink_scores",
+    "var_coefficients",
+]
+
+#: Key-group labels handed to `GroupReweight` (0 = every other key).
+LABEL_OTHER, LABEL_SV, LABEL_ST, LABEL_NV = 0, 1, 2, 3
+
+#: The eps of φ's denominator, sqrt(mean_d x² + eps) (spec step 1).
+PHI_EPS = 1e-6
+
+#: The per-visual-token eps of the sink share m_Sv / (V + |vis|·eps) (official code).
+SHARE_EPS = 1e-6
+
+CALIBRATE_HINT = "steer calibrate sinks --model PATH --images DIR"
+
+
+# --------------------------------------------------------------------------------------------------
+# the math, as pure functions
+
+
+def sink_scores(x: Tensor) -> Tensor:
+    """z = |x| / sqrt(mean_d x² + 1e-6) per token and channel, fp32 [..., T, D] (no learned norm gain)."""
+    x = x.float()
+    rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + PHI_EPS)
+    return x.abs() / rms
+
+
+def sink_flags(
+    x: Tensor, sink_dims: Sequence[int] | Tensor, tau: float, padding: Tensor | None = None
+) -> Tensor:
+    """bool [B, T]: ``φ_j = max_{d∈D_sink} |x_j[d]| / sqrt(mean_d x_j² + 1e-6) > τ`` and j is not padding.
+
+    ``x`` [B, T, D] is the residual stream entering a decoder layer; ``padding`` [B, T] bool (True = real).
+    """
+    x = x.float()
+    dims = torch.as_tensor(sink_dims, dtype=torch.long, device=x.device)
+    rms = torch.sqrt(x.pow(2).mean(-1) + PHI_EPS)  # [B, T]
+    phi = x.index_select(-1, dims).abs().amax(-1) / rms
+    sink = phi > tau
+    if padding is not None:
+        sink = sink & padding[:, : sink.shape[1]].to(sink.device).bool()
+    return sink
+
+
+def group_labels(sink: Tensor, visual: Tensor) -> Tensor:
+    """Key labels [B, T]: 1 = Sv (sink ∩ vis), 2 = St (sink \\ vis), 3 = Nv (vis \\ sink), 0 = other."""
+    visual = visual.to(sink.device).bool()
+    labels = torch.zeros(sink.shape, dtype=torch.long, device=sink.device)
+    labels[sink & visual] = LABEL_SV
+    labels[sink & ~visual] = LABEL_ST
+    labels[~sink & visual] = LABEL_NV
+    return labels
+
+
+def var_coefficients(
+    masses: Tensor,
+    p: float,
+    rho: float,
+    min_visual_mass: float,
+    n_visual: Tensor | float,
+    has_visual_sink: Tensor | None = None,
+    valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Row selection (step 5) and redistribution coefficients (step 6) from the group masses.
+
+    ``masses`` [B, H, n, 4] fp32 with columns (O, Sv, St, Nv). A row is selected iff
+    ``V = m_Sv + m_Nv ≥ min_visual_mass``, ``m_Sv / (V + |vis|·1e-6) ≤ 1 − ρ`` and ``m_Nv > 0``
+    (and, when given, the sample has a visual sink and the row slot is ``valid`` [B, n]). For selected rows
+    ``c = (1, p, p, 1 + Ω/m_Nv)`` with ``Ω = (1 − p)(m_Sv + m_St)``; every other row gets c = 1.
+    ``n_visual``: |vis| per sample ([B] or a number). Returns ``(c [B, H, n, 4], selected bool [B, H, n])``.
+    """
+    m_sv, m_st, m_nv = masses[..., LABEL_SV], masses[..., LABEL_ST], masses[..., LABEL_NV]
+    visual = m_sv + m_nv
+    nvis = torch.as_tensor(n_visual, dtype=masses.dtype, device=masses.device)
+    if nvis.dim() == 1:
+        nvis = nvis[:, None, None]
+    share = m_sv / (visual + nvis * SHARE_EPS)
+    selected = (visual >= min_visual_mass) & (share <= 1.0 - rho) & (m_nv > 0)
+    if has_visual_sink is not None:
+        selected = selected & has_visual_sink.to(masses.device)[:, None, None]
+    if valid is not None:
+        selected = selected & valid.to(masses.device)[:, None, :]
+    omega = (1.0 - p) * (m_sv + m_st)
+    c_nv = 1.0 + omega / torch.where(m_nv > 0, m_nv, torch.ones_like(m_nv))
+    ones = torch.ones_like(m_sv)
+    sink_c = torch.full_like(m_sv, p)
+    c = torch.stack([ones, sink_c, sink_c, c_nv], dim=-1)
+    c = torch.where(selected[..., None], c, torch.ones_like(c))
+    return c, selected
+
+
+# --------------------------------------------------------------------------------------------------
+# known sink channels (recipes)
+
+
+def _model_key(adapter: Adapter) -> dict[str, Any]:
+    return {
+        "model_type": str(getattr(adapter.config, "model_type", "")),
+        "text_model_type": str(getattr(adapter.text_config, "model_type", "")),
+        "hidden_size": adapter.hidden_size,
+        "num_layers": adapter.num_layers,
+    }
+
+
+def known_sink_dims(
+    model_type: str, hidden_size: int, num_layers: int, text_model_type: str | None = None
+) -> tuple[list[int], str] | None:
+    """D_sink for a model from the recipes' ``sink_dims_for`` tables, with a description of the source.
+
+    Recipes key D_sink by (top-level ``model_type``, text ``hidden_size``, ``num_hidden_layers``); an entry may
+    add ``text_model_type`` to tell apart models that share the key (LLaVA-NeXT vicuna-7b and mistral-7b).
+    The last matching entry wins, so a calibration appended to a recipe file overrides the shipped value.
+    """
+    from steer.recipe_files import all_recipes
+
+    found: tuple[list[int], str] | None = None
+    for recipe in all_recipes().values():
+        for entry in recipe.extra.get("sink_dims_for") or []:
+            if not isinstance(entry, dict):
+                continue
+            if entry.get("model_type") != model_type:
+                continue
+            if (
+                int(entry.get("hidden_size", -1)) != hidden_size
+                or int(entry.get("num_layers", -1)) != num_layers
+            ):
+                continue
+            want_text = entry.get("text_model_type")
+            if want_text is not None and text_model_type is not None and want_text != text_model_type:
+                continue
+            dims = [int(d) for d in entry.get("sink_dims") or []]
+            if dims:
+                status = entry.get("status", "")
+                found = (dims, f"recipe {recipe.full_name}" + (f" ({status})" if status else ""))
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# the method
+
+
+def _decoder_layer(index: int):
+    def pick(adapter: Adapter) -> nn.Module:
+        return adapter.decoder_layers[index]
+
+    return pick
+
+
+@register
+class VAR(Method):
+    """Visual Attention Redistribution: sink attention × p, the freed mass to the non-sink visual tokens."""
+
+    name = "var"
+    description = (
+        "VAR (Kang et al., ICLR 2025): image-centric text rows give a fraction of the attention on sink tokens "
+        "(massive-activation channels) to the non-sink visual tokens."
+    )
+    stage = "attention"
+    needs_image_tokens = True
+
+    @dataclass
+    class Params:
+        tau: float = param(20.0, help="sink threshold on φ (> 0)", range=(0.0, None))
+        rho: float = param(
+            0.5, help="min non-sink share of a row's visual attention (paper ρ)", range=(0.0, 1.0)
+        )
+        min_visual_mass: float = param(
+            0.2, help="min total visual attention of a row (code: summ)", range=(0.0, 1.0)
+        )
+        p: float = param(
+            0.6, help="factor on sink probabilities (released-code meaning; 1 = off)", range=(0.0, 1.0)
+        )
+        sink_dims: list[int] | None = param(
+            None,
+            help="massive-activation channels D_sink (default: from the recipes; `steer calibrate sinks`)",
+        )
+        exclude_last_layer: bool = param(False, help="leave the last decoder layer untouched (paper)")
+        skip_layers_without_visual_sink: bool = param(
+            True, help="leave a (layer, sample) without visual sinks unchanged (official)"
+        )
+        impl: str = param(
+            "auto",
+            help="group-attention implementation (reference = eager, tests only)",
+            choices=("auto", "fused", "reference"),
+        )
+
+    def __init__(self, params: Any, adapter: Adapter, state: dict[str, Any]) -> None:
+        super().__init__(params, adapter, state)
+        self._dims_tensor: Tensor | None = None
+
+    # ---- validation ------------------------------------------------------------------------------
+    def check(self) -> None:
+        p = self.params
+        if not p.tau > 0:
+            raise InvalidParameterError(
+                f"var: tau={p.tau!r} is out of range; it must be > 0 (sink threshold on φ)"
+            )
+        if p.p == 1.0:  # the identity: no sink detection, nothing to look up
+            return
+        hidden = self.adapter.hidden_size
+        key = _model_key(self.adapter)
+        if p.sink_dims is None:
+            found = known_sink_dims(key["model_type"], hidden, key["num_layers"], key["text_model_type"])
+            if found is None:
+                raise InvalidParameterError(
+                    f"var: no sink channels (sink_dims) are known for this model ({key['model_type']}, text "
+                    f"{key['text_model_type']}, hidden_size {hidden}, {key['num_layers']} layers). Find them with "
+                    f"`{CALIBRATE_HINT}` (it writes them into a recipe), or pass sink_dims=[...]."
+                )
+            p.sink_dims, source = found
+        else:
+            source = "parameter"
+        if not p.sink_dims:
+            raise InvalidParameterError(
+                f"var: sink_dims is empty; give at least one channel in [0, {hidden}) or run `{CALIBRATE_HINT}`"
+            )
+        bad = [d for d in p.sink_dims if not 0 <= d < hidden]
+        if bad:
+            raise InvalidParameterError(
+                f"var: sink_dims {bad} out of range; channels must be in [0, {hidden}) (hidden_size {hidden})"
+            )
+        p.sink_dims = sorted(set(int(d) for d in p.sink_dims))
+        self.state["sink_dims"] = list(p.sink_dims)
+        self.state["sink_dims_source"] = source
+        self.state["layers"] = self.layers()
+
+    def layers(self) -> list[int]:
+        """Edited decoder layers: 2..L−1, without L−1 when ``exclude_last_layer``."""
+        last = self.adapter.num_layers - (1 if self.params.exclude_last_layer else 0)
+        return list(range(2, last))
+
+    def is_noop(self) -> bool:
+        return self.params.p == 1.0 or not self.layers()
+
+    def edits(self) -> list[Edit]:
+        layers = self.layers()
+        out: list[Edit] = [
+            ModuleHook(module=_decoder_layer(layer), fn=self._detector(layer), pre=True) for layer in layers
+        ]
+        out.append(
+            GroupReweight(
+                layers=layers,
+                coefficients=self._coefficients,
+                groups=self._groups,
+                rows="after_image",
+                renormalize=False,
+                impl=self.params.impl,
+            )
+        )
+        return out
+
+    # ---- step 1: sinks, at prefill ----------------------------------------------------------------
+    def _dims(self, device: torch.device) -> Tensor:
+        if self._dims_tensor is None or self._dims_tensor.device != device:
+            self._dims_tensor = torch.tensor(self.params.sink_dims, dtype=torch.long, device=device)
+        return self._dims_tensor
+
+    def _new_call(self, batch: int) -> None:
+        self.state["samples"] = [{} for _ in range(batch)]
+
+    def _detector(self, layer: int):
+        def detect(module: nn.Module, args: tuple, kwargs: dict, ectx: EditContext) -> None:
+            fwd = ectx.forward
+            if fwd.phase != "prefill":
+                return None
+            x = args[0] if args else kwargs.get("hidden_states")
+            if x is None:
+                return None
+            batch, length = x.shape[0], x.shape[1]
+            visual = fwd.key_image_mask(length, x.device)
+            if visual is None:  # no input_ids: the runtime has already refused the call
+                return None
+            if ("var", "call") not in fwd.scratch:
+                fwd.scratch[("var", "call")] = {}
+                self._new_call(batch)
+            padding = fwd.padding_mask
+            sink = sink_flags(
+                x, self._dims(x.device), self.params.tau, None if padding is None else padding.to(x.device)
+            )
+            labels = group_labels(sink, visual)
+            heads = self.adapter.num_heads
+            entry = {
+                "labels": labels,
+                "has_visual_sink": (labels == LABEL_SV).any(1),
+                "n_visual": visual.sum(1).float(),
+                "selected": torch.zeros(batch, heads, dtype=torch.long, device=x.device),
+                "eligible": torch.zeros(batch, dtype=torch.long, device=x.device),
+            }
+            fwd.scratch[("var", layer)] = entry
+            where = sink.nonzero().tolist()  # one sync per layer and prefill
+            is_visual = visual[sink].tolist()
+            samples = self.state["samples"]
+            per = [{"visual_sinks": [], "text_sinks": []} for _ in range(batch)]
+            for (b, j), vis in zip(where, is_visual):
+                per[b]["visual_sinks" if vis else "text_sinks"].append(j)
+            for b in range(batch):
+                samples[b][layer] = {
+                    **per[b],
+                    "skipped": self.params.skip_layers_without_visual_sink and not per[b]["visual_sinks"],
+                    "selected_rows": entry["selected"][b],
+                    "eligible_rows": entry["eligible"][b],
+                }
+            return None
+
+        return detect
+
+    # ---- step 2: key groups -----------------------------------------------------------------------
+    def _groups(self, ectx: EditContext) -> Tensor:
+        entry = ectx.forward.scratch.get(("var", ectx.layer))
+        if entry is None:  # no prefill seen with the edit active (e.g. it ran under `disabled()`): no groups
+            return torch.zeros(ectx.forward.batch_size, 1, dtype=torch.long)
+        return entry["labels"]
+
+    # ---- steps 3, 5, 6: rows and coefficients -----------------------------------------------------
+    def _coefficients(self, masses: Tensor, ectx: EditContext) -> Tensor:
+        entry = ectx.forward.scratch.get(("var", ectx.layer))
+        if entry is None or masses.shape[-1] != 4:
+            return torch.ones((), dtype=torch.float32, device=masses.device)
+        valid = self._valid_slots(masses, ectx)
+        p = self.params
+        c, selected = var_coefficients(
+            masses,
+            p=p.p,
+            rho=p.rho,
+            min_visual_mass=p.min_visual_mass,
+            n_visual=entry["n_visual"],
+            has_visual_sink=entry["has_visual_sink"] if p.skip_layers_without_visual_sink else None,
+            valid=valid,
+        )
+        entry["selected"] += selected.sum(-1)
+        if valid is not None:
+            entry["eligible"] += valid.sum(-1)
+        return c
+
+    @staticmethod
+    def _valid_slots(masses: Tensor, ectx: EditContext) -> Tensor | None:
+        """bool [B, n]: which of the n query slots handed to the coefficients are eligible rows.
+
+        The reference kernel passes every query row (n = Lq): the eligible rows are ``rows_after_first_image``.
+        The fused kernel passes the eligible rows of each sample gathered first, in order, padded to the
+        largest count with other rows: sample b's first ``count_b`` slots are valid.
+        """
+        eligible = ectx.forward.rows_after_first_image(masses.device)
+        if eligible is None:
+            return None
+        n = masses.shape[2]
+        if n == eligible.shape[1]:
+            return eligible
+        count = eligible.sum(1)
+        return torch.arange(n, device=masses.device)[None, :] < count[:, None]
