@@ -21,6 +21,7 @@ from rich.table import Table
 
 from steer.evals import chair, pope
 from steer.evals.chair import EvalInputError
+from steer.evals.runner import CHAIR_PROMPT, POPE_PROMPTS
 
 chair_app = typer.Typer(help="CHAIR caption hallucination scoring.", no_args_is_help=True)
 pope_app = typer.Typer(help="POPE yes/no hallucination scoring.", no_args_is_help=True)
@@ -291,3 +292,428 @@ def pope_score(
             f"warning: {len(result['missing'])} questions have no answer (listed in {summary_path})", err=True
         )
     typer.echo(f"records: {records_path}; summary: {summary_path}", err=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# steer eval: generation + scoring in one run (steer.evals.runner)
+# --------------------------------------------------------------------------------------------------
+
+eval_app = typer.Typer(
+    help="Generate with a (steered) model and score CHAIR or POPE in one resumable run.", no_args_is_help=True
+)
+
+
+@eval_app.callback()
+def _eval_group() -> None:
+    """Generation + scoring: `steer eval chair|pope --model M --images DIR --out RUN`, `steer eval compare`."""
+
+
+@contextmanager
+def _eval_errors(out: Path | None = None) -> Iterator[None]:
+    """Input and steer errors: one stderr line, exit 2. Ctrl-C: say what is saved and how to resume, exit 130."""
+    from steer.errors import SteerError
+
+    try:
+        with _clean_errors():
+            yield
+    except SteerError as err:
+        raise _fail(str(err)) from None
+    except KeyboardInterrupt:
+        where = f" in {out}" if out is not None else ""
+        typer.echo(
+            f"interrupted: every finished sample is saved{where}; run the same command again to resume",
+            err=True,
+        )
+        raise typer.Exit(code=130) from None
+
+
+def _method_params(items: list[str], methods: list[str]) -> dict[str, Any]:
+    """``-p NAME=VALUE`` (JSON value, else a string); ``-p METHOD.NAME=VALUE`` targets one method."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise EvalInputError(f"--param expects NAME=VALUE or METHOD.NAME=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        method, _, name = key.partition(".")
+        if name and method in methods:
+            out.setdefault(method, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _expand_splits(splits: list[str]) -> list[str]:
+    out: list[str] = []
+    for split in splits:
+        out += list(pope.SPLITS) if split == "all" else [s.strip() for s in split.split(",") if s.strip()]
+    return list(dict.fromkeys(out))
+
+
+def _make_loader(
+    settings: Any,
+    run_dir: Path,
+    *,
+    load_in_4bit: bool,
+    load_in_8bit: bool,
+    device_map: Any,
+    write: bool,
+) -> Callable[[], Any]:
+    """The runner's ``load()``: load the model, apply the steer methods/recipe, resolve the prompt template,
+    record what was resolved in ``settings.json``. The steering handle stays active for the process."""
+    handles: list[Any] = []
+
+    def load() -> Any:
+        import steer
+        from steer.evals import loading, runner
+
+        loaded = loading.load_model(
+            settings.model,
+            dtype=settings.dtype,
+            device_map=device_map,
+            load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit,
+            attn_implementation=settings.attn_implementation,
+        )
+        spec: list[Any] = []
+        recipe_name = None
+        if settings.recipe:
+            recipe_name = settings.recipe if "/" in settings.recipe else f"{loaded.family}/{settings.recipe}"
+            spec.append(steer.recipe(recipe_name))
+        spec += list(settings.methods)
+        params: dict[str, Any] = {}
+        if spec:
+            handle = steer.apply(loaded.model, spec, **settings.params)
+            handles.append(handle)
+            params = json.loads(json.dumps(handle.params, default=str))
+        elif settings.params:
+            raise EvalInputError("--param was given but no --method or --recipe")
+        template = runner.resolve_template(settings.template, loaded.model_type, loaded.processor)
+        text_config = getattr(loaded.model.config, "text_config", loaded.model.config)
+        resolved = {
+            "family": loaded.family,
+            "model_type": loaded.model_type,
+            "source": loaded.source,
+            "template": template,
+            "prompt_example": runner.build_prompt(
+                settings.prompt.replace("{question}", "<question>"),
+                template,
+                loaded.model_type,
+                loaded.processor,
+            ),
+            "recipe": recipe_name,
+            "params": params,
+            "text_hidden_size": getattr(text_config, "hidden_size", None),
+            "text_layers": getattr(text_config, "num_hidden_layers", None),
+            **loaded.info,
+        }
+        if write:
+            runner.record_resolved(run_dir, resolved)
+        return loaded, template
+
+    return load
+
+
+def _run_eval(task_name: str, build: Callable[[], Any], common: dict[str, Any], extra_prompt: str) -> None:
+    """Shared body of ``steer eval chair`` and ``steer eval pope``."""
+    from steer.evals import report, runner
+    from steer.evals.loading import DTYPES, quantization_config, resolve_model_name
+
+    out: Path = common["out"]
+    with _eval_errors(out):
+        if common["batch_size"] < 1:
+            raise EvalInputError(f"--batch-size must be >= 1, got {common['batch_size']}")
+        if common["max_new_tokens"] < 1:
+            raise EvalInputError(f"--max-new-tokens must be >= 1, got {common['max_new_tokens']}")
+        if common["num_beams"] < 1:
+            raise EvalInputError(f"--num-beams must be >= 1, got {common['num_beams']}")
+        _choice(common["dtype"], DTYPES, "--dtype")
+        _choice(common["template"], runner.TEMPLATES, "--template")
+        if common["load_in_4bit"] or common["load_in_8bit"]:
+            quantization_config(common["load_in_4bit"], common["load_in_8bit"], common["dtype"])
+        methods = list(dict.fromkeys(common["method"]))
+        task = build()
+        rank, world_size, state = runner.distributed_context()
+        device_map: Any = common["device_map"]
+        if world_size > 1 and device_map is None:
+            import torch
+
+            device_map = {"": state.device} if torch.cuda.is_available() else None
+        settings = runner.EvalSettings(
+            task=task_name,
+            model=resolve_model_name(common["model"]),
+            methods=methods,
+            params=_method_params(common["param"], methods),
+            recipe=common["recipe"],
+            dtype=common["dtype"],
+            quantization="4bit" if common["load_in_4bit"] else "8bit" if common["load_in_8bit"] else None,
+            attn_implementation=common["attn_implementation"],
+            template=common["template"],
+            prompt=extra_prompt,
+            max_new_tokens=common["max_new_tokens"],
+            num_beams=common["num_beams"],
+            selection=task.selection,
+            batch_size=common["batch_size"],
+            device_map=device_map if isinstance(device_map, (str, type(None))) else str(device_map),
+            images=str(Path(common["images"]).resolve()),
+        )
+        load = _make_loader(
+            settings,
+            out,
+            load_in_4bit=common["load_in_4bit"],
+            load_in_8bit=common["load_in_8bit"],
+            device_map=device_map,
+            write=rank == 0,
+        )
+        payload = runner.run_eval(
+            task,
+            settings,
+            out,
+            load,
+            retry_errors=common["retry_errors"],
+            progress=common["progress"],
+            rank=rank,
+            world_size=world_size,
+            state=state,
+        )
+    if payload is None:  # not process 0: process 0 reports
+        return
+    gen = payload.get("generation") or {}
+    if gen.get("generated") or gen.get("errors"):
+        typer.echo(
+            f"generated {gen['generated']} samples ({gen['errors']} errors) in {gen['seconds']:.1f} s"
+            + (f", {gen['samples_per_second']} samples/s" if gen.get("samples_per_second") else "")
+            + (f" on process 0 of {gen['world_size']}" if gen.get("world_size", 1) > 1 else ""),
+            err=True,
+        )
+    elif gen:
+        typer.echo("nothing left to generate: every sample was already on disk; scored again", err=True)
+    rows = [(k, str(v)) for k, v in payload["metrics"].items()]
+    samples = payload["samples"]
+    notes = [f"{samples['scored']} of {samples['total']} samples scored, {samples['errors']} errors"]
+    _show(f"steer eval {task_name} - {payload['method']}", rows, notes)
+    typer.echo(
+        f"samples: {out / 'samples.jsonl'}; metrics: {out / report.METRICS_FILE}; report: {out / report.REPORT_FILE}",
+        err=True,
+    )
+
+
+def _common(
+    model: str,
+    method: list[str],
+    param: list[str],
+    recipe: str | None,
+    images: Path,
+    num_images: int,
+    max_new_tokens: int,
+    batch_size: int,
+    out: Path,
+    dtype: str,
+    device_map: str | None,
+    load_in_4bit: bool,
+    load_in_8bit: bool,
+    attn_implementation: str | None,
+    template: str,
+    num_beams: int,
+    retry_errors: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    return dict(locals())
+
+
+_MODEL = typer.Option(..., "--model", help="Model folder (a steer.zoo folder or a checkpoint) or hub id.")
+_METHOD = typer.Option([], "--method", "-m", help="steer method to apply (repeatable; see `steer methods`).")
+_PARAM = typer.Option(
+    [], "--param", "-p", help="Method parameter NAME=VALUE or METHOD.NAME=VALUE (JSON value)."
+)
+_RECIPE = typer.Option(
+    None, "--recipe", help="Recipe, e.g. llava-1.5/var (or var: the model's family is used)."
+)
+_IMAGES = typer.Option(..., "--images", help="Folder with the COCO val2014 images (COCO_val2014_*.jpg).")
+_NUM_IMAGES = typer.Option(500, "--num-images", help="Number of images to evaluate.")
+_BATCH = typer.Option(1, "--batch-size", help="Samples per generate call (left padding).")
+_OUT = typer.Option(..., "--out", help="Run folder: samples.jsonl, settings.json, metrics.json, report.md.")
+_DTYPE = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16.")
+_DEVICE_MAP = typer.Option(
+    None, "--device-map", help="from_pretrained device_map (default: auto on CUDA, else CPU)."
+)
+_4BIT = typer.Option(False, "--load-in-4bit", help="4-bit weights via bitsandbytes.")
+_8BIT = typer.Option(False, "--load-in-8bit", help="8-bit weights via bitsandbytes.")
+_ATTN = typer.Option(None, "--attn-implementation", help="sdpa (default), eager, flash_attention_2, ...")
+_TEMPLATE = typer.Option(
+    "auto", "--template", help="auto, llava_v1, chat (processor chat template) or plain."
+)
+_BEAMS = typer.Option(1, "--num-beams", help="Beam count (1 = greedy).")
+_RETRY = typer.Option(
+    False, "--retry-errors", help="On resume, generate again the samples recorded as errors."
+)
+_PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (throughput, ETA).")
+
+
+@eval_app.command("chair")
+def eval_chair(
+    model: str = _MODEL,
+    method: list[str] = _METHOD,
+    param: list[str] = _PARAM,
+    recipe: str | None = _RECIPE,
+    images: Path = _IMAGES,
+    num_images: int = _NUM_IMAGES,
+    max_new_tokens: int = typer.Option(
+        512, "--max-new-tokens", help="New tokens per caption (512 long, 64 short)."
+    ),
+    batch_size: int = _BATCH,
+    out: Path = _OUT,
+    dtype: str = _DTYPE,
+    device_map: str | None = _DEVICE_MAP,
+    load_in_4bit: bool = _4BIT,
+    load_in_8bit: bool = _8BIT,
+    attn_implementation: str | None = _ATTN,
+    template: str = _TEMPLATE,
+    num_beams: int = _BEAMS,
+    retry_errors: bool = _RETRY,
+    progress: bool = _PROGRESS,
+    image_ids: Path | None = typer.Option(
+        None,
+        "--image-ids",
+        help="File of image ids to caption (default: OPERA-500 when all present, else sorted).",
+    ),
+    prompt: str = typer.Option(
+        CHAIR_PROMPT, "--prompt", help="The user text (spec: CHAIR's standard prompt)."
+    ),
+    gt_objects: Path | None = typer.Option(None, "--gt-objects", help="Ground-truth map (default: shipped)."),
+    lineage: str = typer.Option("original", "--lineage", help="original or opera."),
+    truncate_incomplete: bool = typer.Option(
+        False, help="Cut captions not ending in .!? after their last '.'."
+    ),
+) -> None:
+    """Caption COCO images and score CHAIR_s / CHAIR_i / Recall / Len; resumable (same command, same --out)."""
+    common = _common(
+        model,
+        method,
+        param,
+        recipe,
+        images,
+        num_images,
+        max_new_tokens,
+        batch_size,
+        out,
+        dtype,
+        device_map,
+        load_in_4bit,
+        load_in_8bit,
+        attn_implementation,
+        template,
+        num_beams,
+        retry_errors,
+        progress,
+    )
+
+    def build() -> Any:
+        from steer.evals import runner
+
+        return runner.chair_task(
+            images,
+            num_images=num_images,
+            image_ids=image_ids,
+            gt_objects=gt_objects,
+            prompt=prompt,
+            lineage=lineage,
+            truncate_incomplete=truncate_incomplete,
+        )
+
+    _run_eval("chair", build, common, prompt)
+
+
+@eval_app.command("pope")
+def eval_pope(
+    model: str = _MODEL,
+    method: list[str] = _METHOD,
+    param: list[str] = _PARAM,
+    recipe: str | None = _RECIPE,
+    images: Path = _IMAGES,
+    split: list[str] = typer.Option(
+        ["random"], "--split", help="random, popular, adversarial (repeatable) or all."
+    ),
+    num_images: int = _NUM_IMAGES,
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="New tokens per answer (LLaVA: 128)."),
+    batch_size: int = _BATCH,
+    out: Path = _OUT,
+    dtype: str = _DTYPE,
+    device_map: str | None = _DEVICE_MAP,
+    load_in_4bit: bool = _4BIT,
+    load_in_8bit: bool = _8BIT,
+    attn_implementation: str | None = _ATTN,
+    template: str = _TEMPLATE,
+    num_beams: int = _BEAMS,
+    retry_errors: bool = _RETRY,
+    progress: bool = _PROGRESS,
+    questions: Path | None = typer.Option(None, "--questions", help="POPE question file (one --split)."),
+    questions_dir: Path | None = typer.Option(
+        None,
+        "--questions-dir",
+        help="Folder with coco_pope_<split>[_2023-08].json (default: $STEER_POPE_DIR).",
+    ),
+    pope_version: str = typer.Option(
+        "2023-08", "--pope-version", help="2023-08 (LLaVA-1.5 anchors) or current."
+    ),
+    prompt: str = typer.Option("llava", "--prompt", help="llava, vcd or raw (specs/pope.md)."),
+    parser: str = typer.Option("official", "--parser", help="official, opera or strict."),
+) -> None:
+    """Ask POPE yes/no questions and score accuracy / precision / recall / F1 / yes-ratio; resumable."""
+    common = _common(
+        model,
+        method,
+        param,
+        recipe,
+        images,
+        num_images,
+        max_new_tokens,
+        batch_size,
+        out,
+        dtype,
+        device_map,
+        load_in_4bit,
+        load_in_8bit,
+        attn_implementation,
+        template,
+        num_beams,
+        retry_errors,
+        progress,
+    )
+
+    def build() -> Any:
+        from steer.evals import runner
+
+        return runner.pope_task(
+            images,
+            splits=_expand_splits(split),
+            questions=questions,
+            questions_dir=questions_dir,
+            version=pope_version,
+            num_images=num_images,
+            prompt=prompt,
+            parser=parser,
+        )
+
+    _run_eval("pope", build, common, POPE_PROMPTS.get(prompt, prompt))
+
+
+@eval_app.command("compare")
+def eval_compare(
+    runs: list[Path] = typer.Argument(
+        ..., help="Run folders (finished: with metrics.json); deltas against the first."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the table's data as JSON."),
+) -> None:
+    """One table of the runs: method, model, settings, metrics and deltas against the first run."""
+    from steer.evals import report
+
+    with _clean_errors():
+        if as_json:
+            _echo_json(report.compare_rows(runs))
+            return
+        table = report.compare_table(runs)
+    Console().print(table)
