@@ -46,9 +46,11 @@ SINK_CHANNEL = 7
 IMAGE_TOKEN = 1000
 VISUAL_SINK_RANKS = (1, 100, 300, 500)
 
-#: method name -> `steer.apply` keyword arguments (the lead adds VHR and CCA rows here).
+#: method name -> `steer.apply` keyword arguments.
 METHODS: dict[str, dict[str, Any]] = {
     "var": {"sink_dims": [SINK_CHANNEL], "tau": 20.0},
+    "vhr": {"alpha": 2.0},
+    "cca": {"trained_checkpoint": True},
 }
 #: method name -> the extra keyword arguments of its eager-reference variant.
 REFERENCE: dict[str, dict[str, Any]] = {
@@ -248,7 +250,7 @@ def measure(
                 try:
                     t_prefill, t_decode = prefill_and_decode(model, inputs, device, new_tokens)
                     if rep == 0:
-                        if handle is not None:
+                        if handle is not None and name == "var":
                             state = handle.state.get(name, {}).get("samples") or [{}]
                             results[variant]["selected_rows"] = sum(
                                 int(e["selected_rows"].sum()) for e in state[0].values()

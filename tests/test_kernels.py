@@ -244,7 +244,12 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def test_fused_runs_only_on_edited_rows_without_probabilities() -> None:
+@pytest.mark.parametrize("math_max_rows", [0, 16])
+def test_fused_runs_only_on_edited_rows_without_probabilities(math_max_rows: int, monkeypatch) -> None:
+    """Edited rows are gathered; few rows take the explicit path (MATH_MAX_ROWS), more the fused kernel."""
+    from steer.kernels import lse as lse_module
+
+    monkeypatch.setattr(lse_module, "MATH_MAX_ROWS", math_max_rows)
     lq = lk = 37
     q, k, v, mask = _inputs(lq, lk, seed=5)
     base = attention_with_lse(q, k, v, mask, 0.3)[0]
@@ -256,7 +261,8 @@ def test_fused_runs_only_on_edited_rows_without_probabilities() -> None:
         group_reweight(
             q, k, v, mask, 0.3, _labels(lk), coeffs_background, rows=rows, base_out=base, num_groups=3
         )
-    assert rec.kernel_q_rows == [3, 3, 3, 3]  # lse_all, group 1, group 2, background
+    # lse_all, group 1, group 2, background: each over the 3 gathered rows
+    assert rec.kernel_q_rows == ([3, 3, 3, 3] if math_max_rows < 3 else [])
     big = [(f, s) for f, s in rec.shapes if len(s) == 4 and s[1] == HQ and s[-1] == lk and s[-2] == lq]
     assert not big, big  # no [B, Hq, Lq, Lk] tensor anywhere
 

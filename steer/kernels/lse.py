@@ -112,6 +112,10 @@ def _cuda_attention_with_lse(
     return out, lse[..., :lq].float()  # lse may be padded along Lq (to a multiple of 32)
 
 
+#: at most this many query rows go through the explicit (math) path under ``backend="auto"``.
+MATH_MAX_ROWS = 16
+
+
 def attention_with_lse(
     query: Tensor,
     key: Tensor,
@@ -141,6 +145,10 @@ def attention_with_lse(
         return out, torch.full((b, hq, lq), float("-inf"), device=query.device)
 
     dev, dt = query.device.type, query.dtype
+    if backend == "auto" and lq <= MATH_MAX_ROWS:
+        # few query rows (decode, sparse edits): the explicit score row is memory-bound like the kernel and
+        # avoids its per-call overhead (the CPU kernel takes ~12 ms for one unmasked row at Lk≈1k, DESIGN.md)
+        return _math_attention_with_lse(query, key, value, m, scale)
     result = None
     if backend != "math" and value.shape[-1] == query.shape[-1]:
         kernel = None
