@@ -26,6 +26,15 @@ LABELS = [2, 0, 3, 1, 3, 3, 3, 0]
 EXPECTED_ROW = [0.18, 0.05, 0.086667, 0.15, 0.173333, 0.173333, 0.086667, 0.10]
 
 
+@pytest.fixture(autouse=True, params=[0, 16], ids=["merged-path", "explicit-few-rows"])
+def _math_max_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test with few rows on the LSE-merge path (0) and on the explicit path (default 16)."""
+    from steer.kernels import lse as lse_module
+
+    monkeypatch.setattr(lse_module, "MATH_MAX_ROWS", request.param)
+
+
+
 def var_coefficients(p: float = 0.6):
     """VAR step 6: c_Sv = c_St = p, c_Nv = 1 + Ω / m_Nv with Ω = (1 − p)(m_Sv + m_St), c_O = 1."""
 

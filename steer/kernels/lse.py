@@ -28,6 +28,7 @@ from steer.kernels.reference import (
     _coefficients,
     _num_groups,
     _pad_labels,
+    _repeat_kv,
     _rows_mask,
 )
 
@@ -276,9 +277,7 @@ def group_reweight(
         idx = valid = None
         q_sel, m_sel = query, m4
         if base_out is None:
-            base_out, lse_all = attention_with_lse(query, key, value, m4, scale)
-        else:
-            lse_all = attention_with_lse(query, key, value, m4, scale)[1]
+            base_out = attention_with_lse(query, key, value, m4, scale)[0]
         o_all = base_out
     else:
         n = int(sel.sum(1).max())
@@ -290,17 +289,83 @@ def group_reweight(
         q_sel = _gather_rows(query, idx)
         m_sel = None if m4 is None else (m4 if m4.shape[2] == 1 else _gather_rows(m4, idx))
         if base_out is None:
-            base_out, lse_full = attention_with_lse(query, key, value, m4, scale)
-            lse_all = _gather_rows(lse_full[..., None], idx)[..., 0]
-        else:
-            lse_all = attention_with_lse(q_sel, key, value, m_sel, scale)[1]
+            base_out = attention_with_lse(query, key, value, m4, scale)[0]
         o_all = _gather_rows(base_out, idx)
 
+    if q_sel.shape[2] <= MATH_MAX_ROWS:
+        new = _explicit_reweight(q_sel, key, value, m_sel, lab, n_groups, scale, coefficients, valid, renormalize)
+    else:
+        new = _merged_reweight(
+            q_sel, key, value, m_sel, lab, n_groups, scale, coefficients, valid, renormalize, o_all
+        )
+
+    if idx is None:
+        return new
+    new = torch.where(valid[:, None, :, None], new, o_all)
+    result = base_out.clone()
+    result.scatter_(2, idx[:, None, :, None].expand_as(new), new)
+    return result
+
+
+def _explicit_reweight(
+    q_sel: Tensor,
+    key: Tensor,
+    value: Tensor,
+    m_sel: Tensor | None,
+    lab: Tensor,
+    n_groups: int,
+    scale: float,
+    coefficients: Coefficients,
+    valid: Tensor | None,
+    renormalize: bool,
+) -> Tensor:
+    """Few edited rows (decode): one explicit [B, H, n, Lk] probability block, alpha'_qj = c_{g(j)} alpha_qj.
+
+    Memory-bound like a fused kernel at n <= MATH_MAX_ROWS, one pass over K and V, no per-group gathers.
+    """
+    hq = q_sel.shape[1]
+    k = _repeat_kv(key, hq // key.shape[1]).float()
+    v = _repeat_kv(value, hq // value.shape[1]).float()
+    scores = torch.matmul(q_sel.float(), k.transpose(-1, -2)) * scale
+    if m_sel is not None:
+        scores = scores.masked_fill(~m_sel, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows without an allowed key -> 0
+    onehot = torch.nn.functional.one_hot(lab, n_groups + 1).to(probs.dtype)  # [B, Lk, G+1]
+    masses = torch.matmul(probs, onehot[:, None])  # [B, H, n, G+1]
+    c = _coefficients(coefficients, masses)
+    if valid is not None:
+        c = torch.where(valid[:, None, :, None], c, torch.ones((), dtype=c.dtype, device=c.device))
+    c = torch.where(masses > 0, c, torch.ones((), dtype=c.dtype, device=c.device))
+    per_key = torch.gather(c, 3, lab[:, None, None, :].expand(*c.shape[:3], lab.shape[1]))
+    edited = probs * per_key
+    if renormalize:
+        total = edited.sum(-1, keepdim=True)
+        edited = edited / torch.where(total > 0, total, torch.ones_like(total))
+    return torch.matmul(edited, v).to(q_sel.dtype)
+
+
+def _merged_reweight(
+    q_sel: Tensor,
+    key: Tensor,
+    value: Tensor,
+    m_sel: Tensor | None,
+    lab: Tensor,
+    n_groups: int,
+    scale: float,
+    coefficients: Coefficients,
+    valid: Tensor | None,
+    renormalize: bool,
+    o_all: Tensor,
+) -> Tensor:
+    """Many edited rows (prefill): per-group fused passes merged by log-sum-exp; no probability tensor."""
+    b, hq = q_sel.shape[0], q_sel.shape[1]
+    dtype = q_sel.dtype
+    lse_all = attention_with_lse(q_sel, key, value, m_sel, scale)[1]
     # --- named groups: masses and outputs -------------------------------------------------------------
     row_ok = torch.isfinite(lse_all)  # rows with at least one allowed key
     lse_ref = torch.where(row_ok, lse_all, torch.zeros_like(lse_all))
     shape = (b, hq, q_sel.shape[2])
-    masses = torch.zeros(*shape, n_groups + 1, dtype=torch.float32, device=query.device)
+    masses = torch.zeros(*shape, n_groups + 1, dtype=torch.float32, device=q_sel.device)
     outs: dict[int, Tensor] = {}
     for g in range(1, n_groups + 1):
         res = _group_pass(q_sel, key, value, m_sel, lab, g, scale)
@@ -327,11 +392,4 @@ def group_reweight(
     if renormalize:
         total = (c * masses).sum(-1, keepdim=True)
         acc = acc / torch.where(total > 0, total, torch.ones_like(total))
-    new = acc.to(dtype)
-
-    if idx is None:
-        return new
-    new = torch.where(valid[:, None, :, None], new, o_all)
-    result = base_out.clone()
-    result.scatter_(2, idx[:, None, :, None].expand_as(new), new)
-    return result
+    return acc.to(dtype)
