@@ -126,7 +126,7 @@ def apply(target: nn.Module, method: MethodSpec, **params: Any) -> Steering:
         if instance.is_noop():
             continue
         all_edits.extend(instance.edits())
-        if cls.needs_image_tokens:
+        if instance.needs_image_tokens:  # a method may need them only in some settings
             needing_images.append(name)
     all_edits.extend(edits)
     handle = Steering(target, adapter, all_edits, resolved, state, tuple(needing_images))

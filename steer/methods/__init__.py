@@ -5,4 +5,5 @@ from steer.methods import (
     primitives,  # noqa: F401
     var,  # noqa: F401
     vhr,  # noqa: F401
+    vista,  # noqa: F401
 )
