@@ -41,6 +41,19 @@ _RUNTIME_ATTR = "_steer_runtime"
 _PREFILL_INPUT_KEYS = ("image_grid_thw", "image_sizes", "pixel_values", "mm_token_type_ids", "video_grid_thw")
 
 
+def _padding_from_mask(mask: Any, length: int) -> torch.Tensor | None:
+    """bool [B, length] (True = real token) from the model's attention mask: 2-D as given; a 4-D mask
+    (StaticCache generation passes one) is read off its last query row, which is a real token."""
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2:
+        return mask.bool()
+    if mask.dim() == 4:
+        last = mask[:, 0, -1, :length]
+        return last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    return None
+
+
 class Runtime:
     """All steer state attached to one model."""
 
@@ -185,8 +198,7 @@ class Runtime:
         if reference is None:
             return
         batch, q_len = reference.shape[0], reference.shape[1]
-        padding = kwargs.get("attention_mask")
-        padding = padding.bool() if isinstance(padding, torch.Tensor) and padding.dim() == 2 else None
+        padding = _padding_from_mask(kwargs.get("attention_mask"), past + q_len)
         if past == 0:
             inputs = {k: kwargs[k] for k in _PREFILL_INPUT_KEYS if kwargs.get(k) is not None}
             image_mask = spans = None

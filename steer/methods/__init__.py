@@ -2,6 +2,7 @@
 
 from steer.methods import (
     cca,  # noqa: F401
+    fastervlm,  # noqa: F401
     primitives,  # noqa: F401
     var,  # noqa: F401
     vhr,  # noqa: F401
