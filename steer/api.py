@@ -80,11 +80,11 @@ def apply(target: nn.Module, method: MethodSpec, **params: Any) -> Steering:
     the model raises :class:`AlreadySteeredError`; different methods and further handles compose.
     """
     if _is_pipeline(target):
-        raise UnsupportedModelError(
-            f"{type(target).__name__}: diffusers pipelines are not supported yet (the diffusers plugin is a later "
-            "release). Supported models: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
-            "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration."
-        )
+        # diffusers pipelines: StableDiffusionPipeline / StableDiffusionXLPipeline go to the plugin, which raises
+        # UnsupportedModelError naming the supported pipelines for any other one.
+        from steer.diffusers.plugin import apply_pipeline
+
+        return apply_pipeline(target, method, **params)
     adapter = adapter_for(target)
     named, edits = _split_spec(method)
     names = [n for n, _ in named]

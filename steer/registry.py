@@ -101,6 +101,7 @@ def _load_entry_points() -> None:
 
 
 def _load_builtin() -> None:
+    import steer.diffusers.methods  # noqa: F401  (registers the pipeline methods; does not import diffusers)
     import steer.methods  # noqa: F401  (registers the built-in methods)
 
 
