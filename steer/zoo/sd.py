@@ -21,13 +21,13 @@ with the real CLIP vocabulary. `save_sd` / `load_sd` go through the real ``save_
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
+
+from steer.zoo.tiny import cache_root, saved_once
 
 SD_KINDS = ("sd", "sdxl")
 #: Bumped whenever a config changes, so that `sd_path` never reuses a stale cached folder.
@@ -247,13 +247,6 @@ def load_sd(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any:
     return pipe
 
 
-def _cache_root(root: str | os.PathLike | None) -> Path:
-    if root is not None:
-        return Path(root)
-    env = os.environ.get("STEER_ZOO_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "steer" / "zoo"
-
-
 def _is_complete(path: Path) -> bool:
     return (path / "model_index.json").is_file() and (path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
@@ -265,26 +258,8 @@ def sd_path(seed: int = 0, kind: str = "sd", root: str | os.PathLike | None = No
     temporary sibling and renamed into place, so concurrent processes never see a half-written folder.
     """
     _check_kind(kind)
-    base = _cache_root(root)
-    final = base / f"tiny-{kind}-{seed}-{SD_ZOO_VERSION}"
-    if _is_complete(final):
-        return final
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=base))
-    try:
-        tmp.chmod(0o755)
-        save_sd(tmp, seed, kind)
-        if final.exists() and not _is_complete(final):
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_complete(final):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = cache_root(root) / f"tiny-{kind}-{seed}-{SD_ZOO_VERSION}"
+    return saved_once(final, lambda tmp: save_sd(tmp, seed, kind), _is_complete)
 
 
 def load_tiny_sd(seed: int = 0, kind: str = "sd", dtype: torch.dtype = torch.float32) -> Any:

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +296,8 @@ def load(
     return model.eval(), processor
 
 
-def _cache_root(root: str | os.PathLike | None) -> Path:
+def cache_root(root: str | os.PathLike | None = None) -> Path:
+    """The zoo's cache folder: ``root``, else ``$STEER_ZOO_DIR``, else ``~/.cache/steer/zoo``."""
     if root is not None:
         return Path(root)
     env = os.environ.get("STEER_ZOO_DIR")
@@ -310,6 +312,33 @@ def _is_complete(path: Path) -> bool:
     )
 
 
+def saved_once(final: Path, write: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:
+    """Return ``final`` once it holds a complete save, writing it with ``write(folder)`` if needed.
+
+    A complete existing folder is reused untouched. A new one is written into a temporary sibling and
+    renamed into place, so concurrent processes never see a half-written folder; if another process wins
+    the race, its folder is used and ours is discarded.
+    """
+    if is_complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        write(tmp)
+        if final.exists() and not is_complete(final):
+            shutil.rmtree(final, ignore_errors=True)  # left over from a crash before atomic writes
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not is_complete(final):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def tiny_path(family: str, seed: int = 0, root: str | os.PathLike | None = None) -> Path:
     """The folder holding the saved tiny `family` model for `seed`, saving it first if needed.
 
@@ -319,26 +348,8 @@ def tiny_path(family: str, seed: int = 0, root: str | os.PathLike | None = None)
     if another process wins the race, its folder is used and ours is discarded.
     """
     check_family(family)
-    base = _cache_root(root)
-    final = base / f"{family}-{seed}-{ZOO_VERSION}"
-    if _is_complete(final):
-        return final
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=base))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        save(family, tmp, seed)
-        if final.exists() and not _is_complete(final):
-            shutil.rmtree(final, ignore_errors=True)  # left over from a crash before atomic writes
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_complete(final):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = cache_root(root) / f"{family}-{seed}-{ZOO_VERSION}"
+    return saved_once(final, lambda tmp: save(family, tmp, seed), _is_complete)
 
 
 def load_tiny(family: str, seed: int = 0, attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, Any]:
