@@ -39,6 +39,7 @@ import torch
 if TYPE_CHECKING:
     from steer.adapters.base import Adapter
     from steer.hooks.context import ForwardContext
+    from steer.kernels.triton_group import CoefficientRule
 
 LayerSelection = Union[Sequence[int], Literal["all"]]
 Phase = Literal["prefill", "decode", "all"]
@@ -210,7 +211,10 @@ class GroupReweight(AttentionEdit):
     ``"all"``, ``"after_image"`` (prefill: text rows after the sample's first image token; decode: the
     new rows), ``"new"`` (decode rows only) or a callable returning bool [B, Lq]. ``impl`` is handed to
     `steer.kernels.dispatch.reweighted_attention`: ``"auto"``/``"fused"`` (LSE merge) or ``"reference"``
-    (materialised probabilities; tests and tiny shapes).
+    (materialised probabilities; tests and tiny shapes), ``"triton"`` (single-pass kernel, needs a rule).
+    ``rule``: the same coefficients as a `steer.kernels.triton_group.CoefficientRule` (or a callable of the
+    edit context returning one or None) that the Triton kernel evaluates in its epilogue; ``"auto"`` uses
+    it on CUDA. A list of ``coefficients`` is its own rule (``CoefficientRule.constant``).
     """
 
     layers: LayerSelection
@@ -219,7 +223,21 @@ class GroupReweight(AttentionEdit):
     rows: Rows = "all"
     renormalize: bool = False
     phase: Phase = "all"
-    impl: Literal["auto", "fused", "reference"] = "auto"
+    impl: Literal["auto", "fused", "reference", "triton"] = "auto"
+    rule: CoefficientRule | Callable[[EditContext], CoefficientRule | None] | None = None
+
+    def coefficient_rule(self, ectx: EditContext) -> CoefficientRule | None:
+        """The kernel form of the coefficients for this call: ``rule`` (evaluated), else a constant list."""
+        if self.rule is not None:
+            return self.rule(ectx) if callable(self.rule) else self.rule
+        if callable(self.coefficients):
+            return None
+        from steer.kernels.triton_group import CoefficientRule
+
+        try:
+            return CoefficientRule.constant(self.coefficients)
+        except ValueError:
+            return None
 
     def coefficient_fn(self, ectx: EditContext) -> Callable[[torch.Tensor], torch.Tensor]:
         if callable(self.coefficients):

@@ -376,6 +376,7 @@ class Runtime:
             renormalize=edit.renormalize,
             base_out=base,
             impl=edit.impl,
+            rule=edit.coefficient_rule(ectx),
         )
 
 

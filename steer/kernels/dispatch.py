@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from steer.kernels.lse import group_reweight
 from steer.kernels.reference import Coefficients, group_reweight_reference
 
+if TYPE_CHECKING:
+    from steer.kernels.triton_group import CoefficientRule
+
 __all__ = ["IMPLS", "forced_impl", "reweighted_attention"]
 
-IMPLS = ("auto", "fused", "reference")
+IMPLS = ("auto", "fused", "reference", "triton")
 
 _FORCED: list[str] = []
 
@@ -43,6 +48,7 @@ def reweighted_attention(
     base_out: Tensor | None = None,
     num_groups: int | None = None,
     impl: str = "auto",
+    rule: CoefficientRule | None = None,
 ) -> Tensor:
     """Attention with post-softmax probabilities reweighted by key group: ``o' = Σ_g c_g m_g out_g``.
 
@@ -51,13 +57,23 @@ def reweighted_attention(
     :func:`steer.kernels.lse.group_reweight`.
 
     ``impl``: ``"fused"`` (LSE merge, no probability tensor), ``"reference"`` (materialised probabilities;
-    tests and tiny shapes), ``"auto"`` (currently always fused; a Triton single-pass kernel may be added
-    for CUDA).
+    tests and tiny shapes), ``"triton"`` (the single-pass kernel of :mod:`steer.kernels.triton_group`; needs
+    ``rule``, CUDA or ``TRITON_INTERPRET=1``; an error if it cannot run), ``"auto"``: Triton on CUDA when
+    triton is installed and ``rule`` is given and supported, else fused (also when the kernel fails, with a
+    warning).
+
+    ``rule``: the same coefficients as ``coefficients``, in the fixed form the kernel evaluates in its
+    epilogue (:class:`steer.kernels.triton_group.CoefficientRule`); the torch paths ignore it and call
+    ``coefficients``. After a Triton call ``rule.on_selected(selected [B, Hq, Lq] bool)`` runs, if set.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto" and _FORCED:
         impl = _FORCED[-1]
+    if impl == "triton" or (impl == "auto" and rule is not None and query.device.type == "cuda"):
+        out = _triton(query, key, value, mask, scale, labels, rule, rows, renormalize, base_out, impl == "triton")
+        if out is not None:
+            return out
     if impl == "reference":
         out = group_reweight_reference(
             query, key, value, mask, scale, labels, coefficients,
@@ -69,3 +85,52 @@ def reweighted_attention(
         query, key, value, mask, scale, labels, coefficients,
         rows=rows, renormalize=renormalize, base_out=base_out, num_groups=num_groups,
     )  # fmt: skip
+
+
+_WARNED: set[str] = set()
+
+
+def _triton(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    labels: Tensor,
+    rule: CoefficientRule | None,
+    rows: Tensor | None,
+    renormalize: bool,
+    base_out: Tensor | None,
+    strict: bool,
+) -> Tensor | None:
+    """The Triton path, or None (not applicable / failed, non-strict) to fall back to the LSE merge."""
+    from steer.kernels import triton_group
+
+    if rule is None:
+        reason: str | None = "no CoefficientRule given (coefficient callables run on the LSE-merge path)"
+    else:
+        reason = triton_group.supports(query, key, value, rule, mask=mask)
+    if reason is not None:
+        if strict:
+            raise ValueError(f"impl='triton': {reason}")
+        return None
+    assert rule is not None
+    try:
+        result = triton_group.triton_group_attention(
+            query, key, value, labels, scale=scale, rule=rule, mask=mask, rows=rows,
+            renormalize=renormalize, base_out=base_out, return_selected=rule.on_selected is not None,
+        )  # fmt: skip
+    except Exception as exc:
+        if strict:
+            raise
+        message = f"{type(exc).__name__}: {exc}"
+        if message not in _WARNED:
+            _WARNED.add(message)
+            warnings.warn(f"steer: Triton group attention failed, using the LSE-merge path ({message})", stacklevel=3)
+        return None
+    if isinstance(result, tuple):
+        out, selected = result
+        if rule.on_selected is not None:
+            rule.on_selected(selected)
+        return out
+    return result

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from steer.edits import Edit, EditContext, GroupReweight, ModuleHook
 from steer.errors import InvalidParameterError
+from steer.kernels.triton_group import CoefficientRule
 from steer.registry import Method, param, register
 
 if TYPE_CHECKING:
@@ -306,6 +307,7 @@ class VAR(Method):
                 rows="after_image",
                 renormalize=False,
                 impl=self.params.impl,
+                rule=self._rule,
             )
         )
         return out
@@ -392,6 +394,30 @@ class VAR(Method):
         if valid is not None:
             entry["eligible"] += valid.sum(-1)
         return c
+
+    def _rule(self, ectx: EditContext) -> CoefficientRule | None:
+        """`_coefficients` as a kernel rule (the Triton path on CUDA): same selection, same coefficients,
+        same state counts (through ``on_selected``)."""
+        entry = ectx.forward.scratch.get(("var", ectx.layer))
+        if entry is None:
+            return None
+        p = self.params
+
+        def record(selected: Tensor) -> None:  # bool [B, H, Lq]: the rows the kernel edited
+            entry["selected"] += selected.sum(-1)
+            eligible = ectx.forward.rows_after_first_image(selected.device)
+            if eligible is not None:
+                entry["eligible"] += eligible.sum(-1)
+
+        return CoefficientRule.var(
+            p.p,
+            p.rho,
+            p.min_visual_mass,
+            entry["n_visual"],
+            groups=(LABEL_SV, LABEL_ST, LABEL_NV),
+            sample_ok=entry["has_visual_sink"] if p.skip_layers_without_visual_sink else None,
+            on_selected=record,
+        )
 
     @staticmethod
     def _valid_slots(masses: Tensor, ectx: EditContext) -> Tensor | None:

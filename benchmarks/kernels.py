@@ -1,0 +1,342 @@
+"""Cost of steer's fused VAR attention against plain SDPA and the eager reference. Not a test.
+
+    /work/venv/bin/python benchmarks/kernels.py [--device cpu|cuda] [--lengths 1024,4096,16384]
+        [--decode-cache 4096] [--heads 32] [--kv-heads 32] [--head-dim 128] [--dtype bf16|fp16|fp32]
+        [--repeats 5] [--json FILE]
+
+One attention layer of a LLaVA-like prompt, batch 1: 35 text tokens (the first is a text sink), an image
+(576 tokens up to a 1k prompt, 2880 — LLaVA-NeXT's 5 × 576 — above), 4 visual sinks in it, text after it;
+VAR's key groups (Sv, St, Nv, other) and its eligible rows (text after the image; in decode the new row).
+Per case, medians over ``--repeats`` (after 2 warm-up calls):
+
+* (a) ``sdpa``: ``F.scaled_dot_product_attention`` (causal in prefill), what the unsteered layer runs;
+* (b) ``fused``: what a VAR layer runs in steer — (a) for the base output, then
+  ``reweighted_attention(..., rows, base_out, rule)`` with ``impl="auto"``: the Triton kernel on CUDA
+  when triton is installed, the SDPA + LSE-merge path otherwise (the column ``path`` says which);
+* (c) ``reference``: ``group_reweight_reference`` (materialised probabilities), skipped when its
+  estimated memory (6 fp32 [H, Lq, Lk] tensors) exceeds ``--reference-max-gb``;
+* on CUDA also ``lse``: (a) + the LSE-merge path forced (``impl="fused"``), for comparison.
+
+Printed: time (ms) and peak memory above the inputs (MiB; CUDA: ``max_memory_allocated``; CPU: bytes of live
+tensors allocated by aten ops, tracked at dispatch level) and the ratios b/a and c/b. ``--json`` writes the
+rows as JSON lines. Also checks that (b) and (c) agree (max abs difference printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from steer.kernels import group_reweight_reference, reweighted_attention, triton_group  # noqa: E402
+from steer.kernels.triton_group import CoefficientRule  # noqa: E402
+from steer.methods.var import LABEL_NV, LABEL_ST, LABEL_SV  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PREFIX = 35
+VISUAL_SINKS = (1, 100, 300, 500)  # ranks inside the image
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+def layout(length: int) -> tuple[int, int]:
+    """(image start, image length) of a prompt of ``length`` tokens."""
+    n_img = 576 if length <= 1024 else 2880
+    n_img = max(0, min(n_img, length - PREFIX - 16))
+    return PREFIX, n_img
+
+
+def make_case(
+    prompt: int, q_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str
+) -> dict[str, Any]:
+    """Query rows = the last ``q_len`` positions of a prompt of ``prompt`` keys (q_len = prompt: prefill)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, q_len, head_dim, generator=g).to(device, dtype)
+    k = torch.randn(1, kv_heads, prompt, head_dim, generator=g)
+    v = torch.randn(1, kv_heads, prompt, head_dim, generator=g).to(device, dtype)
+    start, n_img = layout(prompt)
+    labels = torch.zeros(1, prompt, dtype=torch.long)
+    labels[0, 0] = LABEL_ST
+    labels[0, start : start + n_img] = LABEL_NV
+    for rank in VISUAL_SINKS:
+        if rank <= n_img:
+            labels[0, start + rank - 1] = LABEL_SV
+    k[0, :, labels[0] == LABEL_SV] += 3.0 * q.float().mean((0, 1, 2)).cpu()  # make the sinks attract mass
+    k[0, :, 0] += 3.0 * q.float().mean((0, 1, 2)).cpu()
+    k = k.to(device, dtype)
+    offset = prompt - q_len
+    positions = torch.arange(offset, prompt)
+    rows = (positions >= start + n_img)[None]
+    mask = torch.ones(q_len, prompt, dtype=torch.bool).tril(offset)[None, None]
+    rule = CoefficientRule.var(0.6, 0.5, 0.2, float(n_img), groups=(LABEL_SV, LABEL_ST, LABEL_NV))
+    return {
+        "q": q,
+        "k": k,
+        "v": v,
+        "labels": labels.to(device),
+        "rows": rows.to(device),
+        "mask": mask.to(device),
+        "rule": rule,
+        "scale": head_dim**-0.5,
+        "causal": q_len > 1,
+        "image": (start, n_img),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# the three (four) variants
+
+
+def sdpa(c: dict[str, Any]) -> torch.Tensor:
+    gqa = c["q"].shape[1] != c["k"].shape[1]
+    return F.scaled_dot_product_attention(
+        c["q"], c["k"], c["v"], is_causal=c["causal"], scale=c["scale"], enable_gqa=gqa
+    )
+
+
+def steered(c: dict[str, Any], impl: str = "auto") -> torch.Tensor:
+    base = sdpa(c)
+    rule = c["rule"]
+    return reweighted_attention(
+        c["q"], c["k"], c["v"], c["mask"], c["scale"], c["labels"], rule.coefficients,
+        rows=c["rows"], base_out=base, impl=impl, rule=rule,
+    )  # fmt: skip
+
+
+def reference(c: dict[str, Any]) -> torch.Tensor:
+    base = sdpa(c)
+    out = group_reweight_reference(
+        c["q"], c["k"], c["v"], c["mask"], c["scale"], c["labels"], c["rule"].coefficients,
+        rows=c["rows"], base_out=base,
+    )  # fmt: skip
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def path_used(c: dict[str, Any]) -> str:
+    q = c["q"]
+    if (
+        q.device.type == "cuda"
+        and triton_group.supports(q, c["k"], c["v"], c["rule"], mask=c["mask"]) is None
+    ):
+        return "triton"
+    return "lse"
+
+
+# --------------------------------------------------------------------------------------------------
+# measurements
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], Any], device: str, repeats: int, warmup: int = 2) -> float:
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of live tensors that aten ops allocate while active (CPU stand-in for max_memory_allocated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, ptr: int) -> None:
+        self.current -= self.live.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or ptr in seen or ptr in self.live:
+                continue
+            self.live[ptr] = size
+            self.current += size
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(t, self._free, ptr)
+        return out
+
+
+def peak_mib(fn: Callable[[], Any], device: str) -> float:
+    with torch.no_grad():
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - before) / 2**20
+        with LiveBytes() as tracker:
+            fn()
+        return tracker.peak / 2**20
+
+
+def measure(
+    c: dict[str, Any], phase: str, prompt: int, q_len: int, repeats: int, ref_max: float
+) -> dict[str, Any]:
+    device = c["q"].device.type
+    heads = c["q"].shape[1]
+    row: dict[str, Any] = {
+        "case": f"{phase} {prompt}",
+        "phase": phase,
+        "prompt": prompt,
+        "q_len": q_len,
+        "edited_rows": int(c["rows"].sum()),
+        "image": c["image"],
+        "path": path_used(c),
+    }
+    row["sdpa_ms"] = time_ms(lambda: sdpa(c), device, repeats)
+    row["fused_ms"] = time_ms(lambda: steered(c), device, repeats)
+    row["sdpa_mib"] = peak_mib(lambda: sdpa(c), device)
+    row["fused_mib"] = peak_mib(lambda: steered(c), device)
+    if device == "cuda":
+        row["lse_ms"] = time_ms(lambda: steered(c, "fused"), device, repeats)
+        row["lse_mib"] = peak_mib(lambda: steered(c, "fused"), device)
+    est_gb = 6 * heads * q_len * prompt * 4 / 1e9
+    if est_gb <= ref_max:
+        row["ref_ms"] = time_ms(lambda: reference(c), device, max(1, min(repeats, 3)), warmup=1)
+        row["ref_mib"] = peak_mib(lambda: reference(c), device)
+        with torch.no_grad():
+            row["max_abs_diff_fused_ref"] = (steered(c).float() - reference(c).float()).abs().max().item()
+            if device == "cuda":
+                lse = steered(c, "fused").float()
+                row["max_abs_diff_lse_ref"] = (lse - reference(c).float()).abs().max().item()
+    else:
+        row["ref_skipped"] = f"estimated {est_gb:.0f} GB > {ref_max:g} GB"
+    row["time_b_over_a"] = row["fused_ms"] / row["sdpa_ms"]
+    row["mem_b_over_a"] = row["fused_mib"] / max(row["sdpa_mib"], 1e-9)
+    if "ref_ms" in row:
+        row["time_c_over_b"] = row["ref_ms"] / row["fused_ms"]
+        row["mem_c_over_b"] = row["ref_mib"] / max(row["fused_mib"], 1e-9)
+    return row
+
+
+HEADER = (
+    f"{'case':<16}{'path':>7}{'rows':>7}{'sdpa ms':>10}{'fused ms':>10}{'ref ms':>10}"
+    f"{'b/a':>7}{'c/b':>7}{'sdpa MiB':>10}{'fused MiB':>11}{'ref MiB':>10}{'b/a':>7}{'c/b':>7}{'|b-c|':>10}"
+)
+
+
+def print_row(row: dict[str, Any]) -> None:
+    def f(key: str, width: int, fmt: str = ".1f") -> str:
+        return f"{row[key]:>{width}{fmt}}" if key in row else f"{'-':>{width}}"
+
+    print(
+        f"{row['case']:<16}{row['path']:>7}{row['edited_rows']:>7}{f('sdpa_ms', 10)}{f('fused_ms', 10)}"
+        f"{f('ref_ms', 10)}{f('time_b_over_a', 7, '.2f')}{f('time_c_over_b', 7, '.2f')}{f('sdpa_mib', 10)}"
+        f"{f('fused_mib', 11)}{f('ref_mib', 10)}{f('mem_b_over_a', 7, '.2f')}{f('mem_c_over_b', 7, '.2f')}"
+        f"{f('max_abs_diff_fused_ref', 10, '.1e')}",
+        flush=True,
+    )
+    if "lse_ms" in row:
+        diff = f"   |lse-c| {row['max_abs_diff_lse_ref']:.1e}" if "max_abs_diff_lse_ref" in row else ""
+        print(f"{'':<16}{'lse':>7}{'':>17}{row['lse_ms']:>10.1f}{'':>44}{row['lse_mib']:>11.1f}{diff}")
+    if "ref_skipped" in row:
+        print(f"{'':<16}reference skipped: {row['ref_skipped']}")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda")
+    )
+    ap.add_argument("--lengths", default="1024,4096,16384", help="prefill prompt lengths, comma-separated")
+    ap.add_argument("--decode-cache", type=int, default=4096, help="KV length of the decode case (0 = none)")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (LLaVA-7B is MHA)")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--reference-max-gb", type=float, default=None, help="default: 48 on CUDA, 6 on CPU")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--json", type=Path, default=None, help="append the rows as JSON lines")
+    args = ap.parse_args(argv)
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda, but torch {torch.__version__} has no usable CUDA device")
+    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    kv_heads = args.kv_heads or args.heads
+    ref_max = (
+        args.reference_max_gb if args.reference_max_gb is not None else (48.0 if device == "cuda" else 6.0)
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [("prefill", int(x), int(x)) for x in args.lengths.split(",") if x.strip()]
+    if args.decode_cache:
+        cases.append(("decode", args.decode_cache, 1))
+
+    env = f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if device == "cuda":
+        env += f", {torch.cuda.get_device_name()}"
+    try:
+        import triton
+
+        env += f", triton {triton.__version__}"
+    except ImportError:
+        env += ", no triton"
+    print(f"# {env}; B=1, H={args.heads}, Hkv={kv_heads}, D={args.head_dim}, {str(dtype)[6:]}, {device}")
+    print(HEADER)
+    results = []
+    for phase, prompt, q_len in cases:
+        c = make_case(prompt, q_len, args.heads, kv_heads, args.head_dim, dtype, device)
+        row = measure(c, phase, prompt, q_len, args.repeats, ref_max)
+        row.update(
+            device=device, dtype=str(dtype)[6:], heads=args.heads, kv_heads=kv_heads, head_dim=args.head_dim
+        )
+        results.append(row)
+        print_row(row)
+        del c
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        with args.json.open("a") as fh:
+            for row in results:
+                fh.write(json.dumps(row) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
