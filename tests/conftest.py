@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run in Triton's CPU interpreter where there is no GPU. It must be chosen before anything
+# imports triton (importing torch does when triton is installed), or jit helpers and kernels disagree.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

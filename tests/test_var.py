@@ -192,7 +192,7 @@ class Spy:
         monkeypatch.setattr(dispatch, "reweighted_attention", self)
 
     def __call__(self, query, key, value, mask, scale, labels, coefficients, rows=None, renormalize=False,
-                 base_out=None, num_groups=None, impl="auto", rule=None):  # fmt: skip
+                 base_out=None, num_groups=None, impl="auto", rule=None, base_lse=None):  # fmt: skip
         out, new = group_reweight_reference(
             query,
             key,

@@ -24,6 +24,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from steer.edits import AttentionMask, EditContext, GroupReweight, HeadOutputEdit, HeadScale, evaluate
+from steer.kernels import lse
 
 if TYPE_CHECKING:
     from steer.hooks.manager import Runtime
@@ -216,8 +217,12 @@ def steer_attention(
                 mask = value_.bool().expand(batch, -1, q_len, k_len)
             else:
                 bias = value_ if bias is None else bias + value_
+        base_lse = None
         if changed:
             base = masked_attention(query, key, value, mask, bias, scale)
+        elif reweights and q_len > lse.MATH_MAX_ROWS and query.device.type == "cpu":
+            # many rows to reweight: one fused pass gives the output and the log-sum-exp the merge needs
+            base, base_lse = lse.attention_with_lse(query, key, value, mask, scale)
         else:
             out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
             base = out.transpose(1, 2)
@@ -229,7 +234,9 @@ def steer_attention(
                 )
             if bias is not None:
                 raise NotImplementedError("GroupReweight together with an additive mask on one layer")
-            base = runtime.run_group_reweight(reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base)
+            base = runtime.run_group_reweight(
+                reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base, base_lse
+            )
         out = base.transpose(1, 2)
     else:
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -331,8 +331,10 @@ class Runtime:
         mask: torch.Tensor,
         scale: float,
         base: torch.Tensor,
+        base_lse: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Apply ``edit`` to one layer's attention; ``base`` is the unedited output [B, H, Lq, D]."""
+        """Apply ``edit`` to one layer's attention; ``base`` is the unedited output [B, H, Lq, D] (and
+        ``base_lse`` its log-sum-exp, when the caller has it)."""
         from steer.kernels.dispatch import reweighted_attention
 
         ctx = self.context
@@ -377,6 +379,7 @@ class Runtime:
             base_out=base,
             impl=edit.impl,
             rule=edit.coefficient_rule(ectx),
+            base_lse=base_lse,
         )
 
 

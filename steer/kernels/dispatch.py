@@ -49,6 +49,7 @@ def reweighted_attention(
     num_groups: int | None = None,
     impl: str = "auto",
     rule: CoefficientRule | None = None,
+    base_lse: Tensor | None = None,
 ) -> Tensor:
     """Attention with post-softmax probabilities reweighted by key group: ``o' = Σ_g c_g m_g out_g``.
 
@@ -83,7 +84,7 @@ def reweighted_attention(
         return out
     return group_reweight(
         query, key, value, mask, scale, labels, coefficients,
-        rows=rows, renormalize=renormalize, base_out=base_out, num_groups=num_groups,
+        rows=rows, renormalize=renormalize, base_out=base_out, num_groups=num_groups, base_lse=base_lse,
     )  # fmt: skip
 
 

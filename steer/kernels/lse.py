@@ -238,6 +238,7 @@ def group_reweight(
     renormalize: bool = False,
     base_out: Tensor | None = None,
     num_groups: int | None = None,
+    base_lse: Tensor | None = None,
 ) -> Tensor:
     """Reweight post-softmax attention by key group without materialising probabilities.
 
@@ -256,7 +257,9 @@ def group_reweight(
     ``base_out`` (the caller's unedited output, [B, Hq, Lq, D]) or, without it, as :func:`attention_with_lse`
     computes it. The per-group passes run only on the edited rows (gathered per sample, padded to the
     largest count) and only on the key columns each group can occupy; no [B, H, Lq, Lk] tensor is built
-    beyond the caller's mask. ``num_groups`` fixes G (default ``labels.max()``). The result is a new tensor,
+    beyond the caller's mask. ``base_lse`` [B, Hq, Lq] (the log-sum-exp that came with ``base_out``, e.g. from
+    :func:`attention_with_lse`) saves the pass that would recompute it. ``num_groups`` fixes G (default
+    ``labels.max()``). The result is a new tensor,
     except that ``base_out`` itself is returned when no row is edited.
     """
     b, hq, _, lq, lk = _check_shapes(query, key, value)
@@ -276,6 +279,7 @@ def group_reweight(
     if sel is None:
         idx = valid = None
         q_sel, m_sel = query, m4
+        lse_sel = base_lse
         if base_out is None:
             base_out = attention_with_lse(query, key, value, m4, scale)[0]
         o_all = base_out
@@ -287,6 +291,7 @@ def group_reweight(
         idx = order[:, :n]
         valid = torch.gather(sel, 1, idx)
         q_sel = _gather_rows(query, idx)
+        lse_sel = None if base_lse is None else _gather_rows(base_lse[..., None], idx)[..., 0]
         m_sel = None if m4 is None else (m4 if m4.shape[2] == 1 else _gather_rows(m4, idx))
         if base_out is None:
             base_out = attention_with_lse(query, key, value, m4, scale)[0]
@@ -296,7 +301,7 @@ def group_reweight(
         new = _explicit_reweight(q_sel, key, value, m_sel, lab, n_groups, scale, coefficients, valid, renormalize)
     else:
         new = _merged_reweight(
-            q_sel, key, value, m_sel, lab, n_groups, scale, coefficients, valid, renormalize, o_all
+            q_sel, key, value, m_sel, lab, n_groups, scale, coefficients, valid, renormalize, o_all, lse_sel
         )
 
     if idx is None:
@@ -356,11 +361,13 @@ def _merged_reweight(
     valid: Tensor | None,
     renormalize: bool,
     o_all: Tensor,
+    lse_all: Tensor | None = None,
 ) -> Tensor:
     """Many edited rows (prefill): per-group fused passes merged by log-sum-exp; no probability tensor."""
     b, hq = q_sel.shape[0], q_sel.shape[1]
     dtype = q_sel.dtype
-    lse_all = attention_with_lse(q_sel, key, value, m_sel, scale)[1]
+    if lse_all is None:
+        lse_all = attention_with_lse(q_sel, key, value, m_sel, scale)[1]
     # --- named groups: masses and outputs -------------------------------------------------------------
     row_ok = torch.isfinite(lse_all)  # rows with at least one allowed key
     lse_ref = torch.where(row_ok, lse_all, torch.zeros_like(lse_all))
