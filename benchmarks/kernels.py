@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from steer.kernels import group_reweight_reference, reweighted_attention, triton_group  # noqa: E402
+from steer.kernels.lse import MATH_MAX_ROWS, attention_with_lse  # noqa: E402
 from steer.kernels.triton_group import CoefficientRule  # noqa: E402
 from steer.methods.var import LABEL_NV, LABEL_ST, LABEL_SV  # noqa: E402
 
@@ -111,11 +112,19 @@ def sdpa(c: dict[str, Any]) -> torch.Tensor:
 
 
 def steered(c: dict[str, Any], impl: str = "auto") -> torch.Tensor:
-    base = sdpa(c)
+    """What steer's attention function does for an edited layer: on CPU with many rows, one fused pass that
+    returns the output and its log-sum-exp; otherwise the plain backend output."""
+    base_lse = None
+    if c["q"].device.type == "cpu" and c["q"].shape[2] > MATH_MAX_ROWS:
+        causal = c["causal"] and c["q"].shape[2] == c["k"].shape[2]
+        mask = None if causal else c["mask"]
+        base, base_lse = attention_with_lse(c["q"], c["k"], c["v"], mask, c["scale"], causal=causal)
+    else:
+        base = sdpa(c)
     rule = c["rule"]
     return reweighted_attention(
         c["q"], c["k"], c["v"], c["mask"], c["scale"], c["labels"], rule.coefficients,
-        rows=c["rows"], base_out=base, impl=impl, rule=rule,
+        rows=c["rows"], base_out=base, impl=impl, rule=rule, base_lse=base_lse,
     )  # fmt: skip
 
 

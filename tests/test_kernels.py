@@ -317,3 +317,14 @@ def test_bad_arguments() -> None:
         reweighted_attention(
             q, k, v, mask, 1.0, torch.zeros(B, 6, dtype=torch.long), torch.ones_like, impl="x"
         )
+
+
+def test_causal_flag_equals_explicit_causal_mask() -> None:
+    q, k, v, _ = _inputs(37, 37, seed=9)
+    tril = torch.ones(37, 37, dtype=torch.bool).tril()[None, None]
+    out_m, lse_m = attention_with_lse(q, k, v, tril, 0.3)
+    out_c, lse_c = attention_with_lse(q, k, v, None, 0.3, causal=True)
+    torch.testing.assert_close(out_c, out_m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_c, lse_m, atol=1e-5, rtol=1e-5)
+    out_math, _ = attention_with_lse(q, k, v, None, 0.3, causal=True, backend="math")
+    torch.testing.assert_close(out_math, out_m, atol=1e-5, rtol=1e-5)

@@ -222,7 +222,8 @@ def steer_attention(
             base = masked_attention(query, key, value, mask, bias, scale)
         elif reweights and q_len > lse.MATH_MAX_ROWS and query.device.type == "cpu":
             # many rows to reweight: one fused pass gives the output and the log-sum-exp the merge needs
-            base, base_lse = lse.attention_with_lse(query, key, value, mask, scale)
+            causal = attention_mask is None and q_len == k_len  # the backend would use SDPA's is_causal
+            base, base_lse = lse.attention_with_lse(query, key, value, None if causal else mask, scale, causal=causal)
         else:
             out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
             base = out.transpose(1, 2)

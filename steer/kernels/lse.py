@@ -70,12 +70,12 @@ def _math_attention_with_lse(
 
 
 def _cpu_attention_with_lse(
-    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float, is_causal: bool = False
 ) -> tuple[Tensor, Tensor]:
     bias = None if mask is None else _float_bias(mask, query.dtype)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     try:  # GQA is native in torch 2.13's CPU flash kernel
-        out, lse = op(query, key, value, 0.0, False, attn_mask=bias, scale=scale)
+        out, lse = op(query, key, value, 0.0, is_causal, attn_mask=bias, scale=scale)
     except RuntimeError:
         r = query.shape[1] // key.shape[1]
         out, lse = op(
@@ -83,7 +83,7 @@ def _cpu_attention_with_lse(
             key.repeat_interleave(r, 1),
             value.repeat_interleave(r, 1),
             0.0,
-            False,
+            is_causal,
             attn_mask=bias,
             scale=scale,
         )
@@ -125,6 +125,7 @@ def attention_with_lse(
     scale: float,
     *,
     backend: str = "auto",
+    causal: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Fused softmax attention returning ``(out, lse)``.
 
@@ -136,10 +137,20 @@ def attention_with_lse(
     CPU: ``aten._scaled_dot_product_flash_attention_for_cpu``; CUDA: ``aten._scaled_dot_product_efficient_attention``
     with ``compute_log_sumexp``; other devices/dtypes and any kernel error: plain math (``torch.logsumexp``).
     ``backend``: ``"auto"``, ``"kernel"`` (an error if no kernel applies or it fails) or ``"math"``.
+    ``causal=True`` with ``mask=None``: key j <= query row i (upper-left, Lq == Lk); the CPU kernel then skips
+    the masked blocks instead of reading a materialised mask.
     """
     if backend not in ("auto", "kernel", "math"):
         raise ValueError(f"backend must be 'auto', 'kernel' or 'math', got {backend!r}")
     b, hq, hkv, lq, lk = _check_shapes(query, key, value)
+    if causal and mask is None:
+        if backend != "math" and query.device.type == "cpu" and query.dtype in _CPU_DTYPES and lq == lk:
+            try:
+                return _cpu_attention_with_lse(query, key, value, None, scale, is_causal=True)
+            except Exception:
+                if backend == "kernel":
+                    raise
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()[None, None]
     m = None if mask is None else _as_4d_mask(mask.to(query.device), b, hq, lq, lk)
     if lq == 0 or lk == 0 or query.shape[-1] == 0:
         out = query.new_zeros(b, hq, lq, value.shape[-1])
