@@ -557,3 +557,209 @@ def test_recipes() -> None:
     with steer.apply(model, steer.recipe("qwen2-vl/cca")) as handle:
         assert handle.params["cca"]["mrope"] == "ring_t"
         logits(model, inputs)
+
+
+# ---- composition with FasterVLM (specs/cca.md step 1; specs/fastervlm.md step 9) -------------------------
+
+
+def with_fastervlm(model: torch.nn.Module, cca_params: dict | None = None, **fastervlm: object) -> steer.Steering:
+    return steer.apply(model, ["fastervlm", "cca"], fastervlm=fastervlm, cca=dict(cca_params or {}))
+
+
+def cca_scratch(model: torch.nn.Module) -> dict:
+    """CCA's per-call cache of the last prefill (its layout and masks)."""
+    scratch = Runtime.of(model).context.scratch
+    return next(v for k, v in scratch.items() if isinstance(k, tuple) and k[0] == "cca")
+
+
+def hand_mask(length: int, start: int, ring: list[int], real: torch.Tensor) -> torch.Tensor:
+    """ring(k) <= ring(q) among the block's kept tokens, causal with real keys elsewhere (loops, not CCA's code)."""
+    allowed = torch.zeros(length, length, dtype=torch.bool)
+    for q in range(length):
+        for k in range(length):
+            if start <= q < start + len(ring) and start <= k < start + len(ring):
+                allowed[q, k] = ring[k - start] <= ring[q - start]
+            else:
+                allowed[q, k] = k <= q and bool(real[k])
+    return allowed
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_fastervlm_keeping_every_token_equals_cca_alone(family: str) -> None:
+    model, processor = zoo.load_tiny(family)
+    inputs = inputs_for(processor, family, n=2)
+    n = 16 if family == "llava" else 4
+    with cca(model):
+        ref, ref_tokens = logits(model, inputs), generate(model, inputs, num_beams=2)
+    with with_fastervlm(model, num_tokens=n):
+        assert torch.equal(logits(model, inputs), ref)
+        assert torch.equal(generate(model, inputs, num_beams=2), ref_tokens)
+
+
+@pytest.mark.parametrize("mode", ["contiguous", "original"])
+def test_fastervlm_pruned_llava_block_rings_of_the_kept_coordinates(mode: str) -> None:
+    """4 x 4 grid keeping 6 tokens: positions p0 + ring(i, j) of the original (i, j), Delta = 6 - R = 4, the
+    mask ring(k) <= ring(q) among the kept tokens; decode continues at pos0 - 4. Both FasterVLM position modes
+    give the same ids as CCA on the unpruned prompt, taken at the kept columns."""
+    model, processor = zoo.load_tiny("llava")
+    inputs = inputs_for(processor, "llava", n=2)
+    with cca(model, mask=False):
+        stock, hook = record_positions(model)
+        generate(model, inputs, max_new_tokens=3)
+        hook.remove()
+    with with_fastervlm(model, num_tokens=6, positions=mode) as h:
+        seen, hook = record_positions(model)
+        generate(model, inputs, max_new_tokens=3)
+        hook.remove()
+        ids = Runtime.of(model).context.prompt_ids
+        real = Runtime.of(model).context.padding_mask[:, : ids.shape[1]]  # the prompt columns
+        mask = next(v for k, v in cca_scratch(model).items() if k[0] == "mask")
+        kept_rows = [row[0]["kept"] for row in h.state["fastervlm"]["samples"]]
+        samples = h.state["cca"]["samples"]
+    length = ids.shape[1]
+    width = inputs["input_ids"].shape[1]
+    for b in range(2):
+        image = (ids[b] == model.config.image_token_id).nonzero().flatten()
+        s = int(image[0])
+        assert image.tolist() == list(range(s, s + 6))
+        ring = [int(rings(4, 4)[k // 4, k % 4]) for k in kept_rows[b].tolist()]
+        pos0 = (real[b].long().cumsum(0) - 1).clamp(min=0)
+        expected = torch.cat([pos0[:s], pos0[s] + torch.tensor(ring), pos0[s + 6 :] - (6 - 2)])
+        assert seen[0][b][real[b]].tolist() == expected[real[b]].tolist()
+        assert int(seen[1][b, 0]) == int(pos0[-1]) + 1 - 4  # first decode step: pos0 - Delta
+        assert samples[b]["blocks"] == [
+            {"start": s, "grid": (4, 4), "R": 2, "tokens": 6, "kind": "image", "kept": kept_rows[b].tolist()}
+        ]
+        assert samples[b]["deltas"] == [4 if mode == "contiguous" else 14]  # original: Delta over the stock ids
+        assert torch.equal(mask[b, 0], hand_mask(length, s, ring, real[b]))
+        # = CCA on the unpruned prompt at the kept columns (text, kept image tokens, decode)
+        full = inputs["attention_mask"][b].bool()
+        s_full = int((inputs["input_ids"][b] == model.config.image_token_id).nonzero()[0])
+        cols = torch.cat([torch.arange(s_full), s_full + kept_rows[b], torch.arange(s_full + 16, width)])
+        cols = cols[full[cols]]
+        assert seen[0][b][real[b]].tolist() == stock[0][b][cols].tolist()
+        assert torch.equal(torch.cat(seen[1:], 1)[b], torch.cat(stock[1:], 1)[b])
+
+
+def test_fastervlm_pruned_llava_next_base_and_all() -> None:
+    """LLaVA-NeXT: the base block keeps its kept tokens' rings (Delta = T - R), the high-res tokens keep raster
+    order; next_blocks='all' rings the kept high-res tokens (newlines: ring of their row's last cell). With
+    positions='original' the ids equal CCA's on the unpruned prompt at the kept columns."""
+    model, processor = zoo.load_tiny("llava_next")
+    inputs = zoo.make_inputs(
+        processor, "llava_next", [zoo.chat_prompt("llava_next", "Look.")], [[zoo.sample_image(4, (84, 56))]]
+    )
+    table = newline_grid_block(0, 2, 4).ring
+    for blocks in ("base", "all"):
+        with cca(model, mask=False, next_blocks=blocks):
+            stock, hook = record_positions(model)
+            generate(model, inputs, max_new_tokens=2)
+            hook.remove()
+        for mode in ("contiguous", "original"):
+            with with_fastervlm(model, {"next_blocks": blocks}, reduction=0.5, positions=mode) as h:
+                seen, hook = record_positions(model)
+                generate(model, inputs, max_new_tokens=2)
+                hook.remove()
+                image = h.state["fastervlm"]["samples"][0][0]
+                got = h.state["cca"]["samples"][0]
+                ids = Runtime.of(model).context.prompt_ids[0]
+            s = int((ids == model.config.image_token_id).nonzero()[0])
+            base = image["crops"][0]["kept"]
+            t = base.numel()
+            assert got["blocks"][0] == {
+                "start": s, "grid": (2, 2), "R": 1, "tokens": t, "kind": "base", "kept": base.tolist()
+            }
+            pos = seen[0][0]
+            assert pos[s : s + t].tolist() == [s] * t  # 2 x 2: every cell is ring 0
+            high = image["offsets"][t:] - 4
+            if blocks == "all":
+                assert got["blocks"][1]["tokens"] == image["sent"] - t and got["blocks"][1]["kept"] == high.tolist()
+                assert pos[s + t : s + image["sent"]].tolist() == (pos[s] + 1 + table[high]).tolist()  # after the base block (R = 1)
+            if mode == "contiguous":
+                assert pos[s + image["sent"] :].tolist() == (
+                    torch.arange(s + image["sent"], ids.numel()) - sum(b["tokens"] - b["R"] for b in got["blocks"])
+                ).tolist()
+            else:
+                s_full = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+                cols = torch.cat(
+                    [torch.arange(s_full), s_full + image["offsets"], torch.arange(s_full + image["stock"], inputs["input_ids"].shape[1])]
+                )
+                assert pos.tolist() == stock[0][0][cols].tolist()
+                assert torch.equal(torch.cat(seen[1:], 1), torch.cat(stock[1:], 1))
+
+
+def test_fastervlm_spatial_layout_refuses_next_blocks_all() -> None:
+    model, processor = zoo.load_tiny("llava_next")
+    inputs = zoo.make_inputs(
+        processor, "llava_next", [zoo.chat_prompt("llava_next", "Look.")], [[zoo.sample_image(4, (84, 56))]]
+    )
+    with with_fastervlm(model, {"next_blocks": "all"}, reduction=0.5, next_layout="spatial"):
+        with pytest.raises(CCALayoutError, match="spatial"):
+            generate(model, inputs, max_new_tokens=2)
+    with with_fastervlm(model, reduction=0.5, next_layout="spatial") as h:
+        generate(model, inputs, max_new_tokens=2)
+        assert h.state["cca"]["samples"][0]["blocks"][0]["kept"] == h.state["fastervlm"]["samples"][0][0]["crops"][0]["kept"].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("params", [{}, {"mrope": "ring_all"}, {"mask": False}])
+def test_fastervlm_pruned_qwen_block(family: str, params: dict) -> None:
+    """Qwen (merged 4 x 4 grid keeping 6): M-RoPE ids = CCA's on the unpruned prompt at the kept columns
+    (t = p0 + ring(i, j) of the original cell); the mask rings the kept tokens; the state shows the pruned block."""
+    model, processor = zoo.load_tiny(family)
+    inputs = inputs_for(processor, family, n=2, size=(112, 112))
+    with cca(model, **params):
+        full_ids, _ = rope_index(model, inputs)
+    seen: list = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["position_ids"][-3:].detach().clone()), with_kwargs=True
+    )
+    try:
+        with with_fastervlm(model, params, num_tokens=6) as h:
+            generate(model, inputs, max_new_tokens=2, num_beams=2)
+            hook.remove()
+            runtime = Runtime.of(model)
+            ids = runtime.context.prompt_ids
+            real = runtime.context.padding_mask[:, : ids.shape[1]]
+            mask = next((v for k, v in cca_scratch(model).items() if k[0] == "mask"), None)
+            fv = h.state["fastervlm"]["samples"]
+            samples = h.state["cca"]["samples"]
+    finally:
+        hook.remove()
+    assert ids.shape[0] == 4  # beams expanded
+    width = inputs["input_ids"].shape[1]
+    for b in range(2):
+        kept = fv[b][0]["kept"]
+        ring = [int(rings(4, 4)[k // 4, k % 4]) for k in kept.tolist()]
+        s = int((ids[2 * b] == model.config.image_token_id).nonzero()[0])
+        full = inputs["attention_mask"][b].bool()
+        s_full = int((inputs["input_ids"][b] == model.config.image_token_id).nonzero()[0])
+        cols = torch.cat([torch.arange(s_full), s_full + kept, torch.arange(s_full + 16, width)])
+        cols = cols[full[cols]]
+        expected = full_ids[:, b, cols]
+        for r in (2 * b, 2 * b + 1):
+            assert torch.equal(seen[0][:, r][:, real[r]], expected)
+            assert samples[r]["blocks"] == [
+                {"start": s, "grid": (4, 4), "R": 2, "tokens": 6, "kind": "image", "kept": kept.tolist()}
+            ]
+            assert torch.equal(samples[r]["position_ids"], expected)
+            if mask is not None:
+                assert torch.equal(mask[r, 0], hand_mask(ids.shape[1], s, ring, real[r]))
+        if params.get("mrope") != "ring_all":  # ring_t: t = p0 + ring(i, j) of the original cell
+            image = torch.isin(cols, s_full + kept)
+            assert expected[0, image].tolist() == (full_ids[0, b, s_full] + torch.tensor(ring)).tolist()
+    assert (mask is None) == (params.get("mask") is False)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_fastervlm_then_cca_generates(family: str) -> None:
+    model, processor = zoo.load_tiny(family)
+    inputs = inputs_for(processor, family, n=3)
+    with steer.apply(model, ["fastervlm", "cca"], fastervlm={"reduction": 0.5}) as h:
+        out = generate(model, inputs, max_new_tokens=3, num_beams=2)
+        fv, samples = h.state["fastervlm"]["samples"], h.state["cca"]["samples"]
+    assert out.shape == (3, 3)
+    for row, sample in zip(fv, samples[::2] if len(samples) == 6 else samples):
+        block = sample["blocks"][0]
+        kept = row[0]["crops"][0]["kept"] if family == "llava_next" else row[0]["kept"]
+        assert block["kept"] == kept.tolist() and block["tokens"] == kept.numel()

@@ -490,7 +490,22 @@ def test_composes_with_attention_methods(family: str) -> None:
             assert h.state["vhr"]["layers"] == [1, 2]
 
 
-def test_refuses_cca_until_it_lays_out_pruned_tokens() -> None:
+def test_composes_with_cca_on_the_kept_tokens() -> None:
+    """CCA lays out the pruned blocks from the record FasterVLM leaves in the per-forward context (the kept
+    tokens' original grid cells; details in tests/test_cca.py)."""
+    model, processor = tiny("llava")
+    with pytest.warns(UserWarning), steer.apply(model, ["cca", "fastervlm"], fastervlm={"reduction": 0.5}) as h:
+        assert generate(model, batch_inputs(processor, "llava", n=1), max_new_tokens=3).shape == (1, 3)
+        record = Runtime.of(model).context.scratch["fastervlm"]
+        kept = h.state["fastervlm"]["samples"][0][0]["kept"]
+        assert record["samples"] == h.state["fastervlm"]["samples"] and record["gap"] is None
+        assert h.state["cca"]["samples"][0]["blocks"][0]["kept"] == kept.tolist()
+
+
+def test_still_refuses_a_grid_method_without_pruning_support(monkeypatch: pytest.MonkeyPatch) -> None:
+    from steer.methods.cca import CCA
+
+    monkeypatch.setattr(CCA, "handles_pruned_tokens", False)
     model, processor = tiny("llava")
     with pytest.warns(UserWarning), steer.apply(model, ["cca", "fastervlm"]):
         with pytest.raises(FasterVLMError, match="cca"):

@@ -30,6 +30,16 @@ starting at sequence index ``s``:
   ``Hhr x Whr`` a second ringed block (``V = Hhr * (Whr + 1)`` with the newlines); each newline token takes
   the ring of the last token of its row.
 
+* **FasterVLM** (pruned blocks): each image run holds only FasterVLM's kept tokens; they keep the rings of
+  their original (i, j) (``kept`` / ``offsets`` of the record FasterVLM leaves in
+  ``forward.scratch["fastervlm"]``), R stays the full grid's, ``Delta += V_kept - R`` and the mask is
+  ``ring(k) <= ring(q)`` among the kept tokens. LLaVA-NeXT: the base block's kept tokens (``"all"``: also the
+  kept high-res tokens, stock layout only). With FasterVLM ``positions="original"`` the walk runs on the
+  stock (gapped) ids with ``Delta += N - R`` and FasterVLM's gap is taken off again (it adds it after this
+  edit), so the LLM gets CCA's ids of the unpruned prompt at the kept columns (for LLaVA-1.5 the same ids as
+  ``"contiguous"``). Qwen: FasterVLM's ``get_rope_index`` wrapper runs CCA's on the unpruned prompt and keeps
+  the kept columns, which gives the same rule; CCA lays out the mask and the state from the record.
+
 Masks, positions and Delta are computed per row (batches, left padding, beams). CCA was trained into its
 published checkpoint; on stock weights it is an experimental ablation (a ``UserWarning`` says so unless
 ``trained_checkpoint=True``).
@@ -94,6 +104,11 @@ class RingBlock:
     ``ring`` holds the ring of each token in sequence order ([V] long); ``grid`` the (H, W) it comes
     from; ``R`` the number of rings; ``kind`` is ``"image"`` (LLaVA-1.5, Qwen), ``"base"`` or
     ``"highres"`` (LLaVA-NeXT).
+
+    A block FasterVLM pruned holds only its kept tokens: ``kept`` are their indices in the block's stock
+    (unpruned) token run and ``ring`` their rings at their original (i, j); ``R`` stays the original grid's.
+    With FasterVLM's ``positions="original"`` the block still covers ``span`` stock positions (its stock
+    length) and its first kept token sits ``lead`` positions after the block's stock start.
     """
 
     start: int
@@ -101,6 +116,9 @@ class RingBlock:
     ring: torch.Tensor
     R: int
     kind: str = "image"
+    kept: torch.Tensor | None = None
+    span: int | None = None
+    lead: int = 0
 
     @property
     def length(self) -> int:
@@ -110,8 +128,16 @@ class RingBlock:
     def end(self) -> int:
         return self.start + self.length
 
+    @property
+    def shift(self) -> int:
+        """What the block adds to Delta: ``V - R`` (V = the positions the block covers)."""
+        return (self.length if self.span is None else self.span) - self.R
+
     def describe(self) -> dict[str, Any]:
-        return {"start": self.start, "grid": self.grid, "R": self.R, "tokens": self.length, "kind": self.kind}
+        out = {"start": self.start, "grid": self.grid, "R": self.R, "tokens": self.length, "kind": self.kind}
+        if self.kept is not None:
+            out["kept"] = self.kept.tolist()
+        return out
 
 
 def grid_block(start: int, h: int, w: int, kind: str = "image") -> RingBlock:
@@ -137,6 +163,8 @@ def concentric_positions(
     ``pos0`` [T]: the row's stock position ids. Tokens before a block get ``pos0 - Delta``; block tokens
     get ``(pos0[start] - Delta) + ring``; then ``Delta += V - R``; tokens after the last block get
     ``pos0 - Delta_total`` (decoded tokens too: see :meth:`CCA`). Padding (``real`` False) keeps ``pos0``.
+    A pruned block (:class:`RingBlock` ``kept``) uses ``V = `` its kept count, or its stock ``span`` with the
+    block's stock start ``pos0[start] - lead`` as base when the positions keep the pruned gaps.
     Returns ``(positions [T], [Delta after block 1, Delta after block 2, ...])``.
     """
     new = pos0.clone()
@@ -147,9 +175,9 @@ def concentric_positions(
         if block.start < cursor:
             raise CCALayoutError(f"image blocks overlap at sequence index {block.start}")
         new[cursor : block.start] = pos0[cursor : block.start] - delta
-        base = pos0[block.start] - delta
+        base = pos0[block.start] - block.lead - delta
         new[block.start : block.end] = base + block.ring.to(pos0.device, pos0.dtype)
-        delta += block.length - block.R
+        delta += block.shift
         deltas.append(delta)
         cursor = block.end
     new[cursor:] = pos0[cursor:] - delta
@@ -318,6 +346,27 @@ def _qwen_rope_blocks(image: torch.Tensor, grids: torch.Tensor, merge: int) -> l
     return out
 
 
+def kept_block(start: int, h: int, w: int, kept: torch.Tensor, kind: str = "image", gaps: bool = False) -> RingBlock:
+    """The kept tokens of a pruned ``h x w`` raster block (FasterVLM): ``kept`` are their stock raster indices
+    (increasing); each keeps the ring of its original (i, j) and R stays the full grid's. ``gaps``: positions
+    keep the pruned gaps (FasterVLM ``positions="original"``), so the block spans its ``h * w`` stock positions."""
+    kept = kept.long().cpu()
+    ring = rings(h, w).flatten()[kept]
+    return RingBlock(
+        start, (h, w), ring, num_rings(h, w), kind, kept=kept,
+        span=h * w if gaps else None, lead=int(kept[0]) if gaps and kept.numel() else 0,
+    )
+
+
+def pruned_record(ectx: EditContext) -> dict[str, Any] | None:
+    """FasterVLM's record of the current call when it pruned the prompt (``forward.scratch["fastervlm"]``):
+    ``samples`` (per un-expanded row, per image: ``kept``, ``N``, ``T``, ``sent``, ``stock``, ``offsets``...),
+    ``origin`` [B, L'] (each token's column in the caller's row, -1 = new padding), ``positions``,
+    ``next_layout`` and ``gap`` [B, L'] (the shift FasterVLM adds to the position ids after CCA's edit, or None)."""
+    record = ectx.forward.scratch.get("fastervlm")
+    return record if isinstance(record, dict) and record.get("samples") is not None else None
+
+
 # --------------------------------------------------------------------------------------------------
 # the method
 
@@ -337,7 +386,9 @@ class CCA(Method):
     of the last prompt (1-D: rows of the prefill, beams included; Qwen positions: rows as
     ``get_rope_index`` saw them, before beam expansion) a dict with ``blocks`` (start, grid, R, tokens,
     kind), ``deltas`` (Delta after each block), ``position_range`` (min, max id of the real tokens) and
-    ``position_ids`` (the ids of the real tokens; [3, T] for Qwen).
+    ``position_ids`` (the ids of the real tokens; [3, T] for Qwen). A block FasterVLM pruned also lists
+    ``kept`` (its tokens' indices in the stock block) and ``tokens`` is the kept count; with FasterVLM, Qwen
+    samples are per prefill row and ``deltas`` under ``positions="original"`` count stock positions.
     """
 
     name = "cca"
@@ -347,6 +398,7 @@ class CCA(Method):
     )
     stage = "input"
     needs_image_tokens = False  # text-only rows keep stock positions and mask (spec: Decisions)
+    handles_pruned_tokens = True  # lays out FasterVLM's kept tokens by their original (i, j)
 
     @dataclass
     class Params:
@@ -397,6 +449,7 @@ class CCA(Method):
             samples=[],
         )
         self._features: dict[int, tuple[weakref.ref, Any]] = {}
+        self._last_rope: tuple[torch.Tensor, list] | None = None
         out: list[Edit] = [
             MethodWrap(module=lambda a: a.model.model, name="get_image_features", fn=self._image_features),
             ModuleHook(module=lambda a: a.model, fn=self._capture_images, pre=True),
@@ -410,6 +463,8 @@ class CCA(Method):
                 )
             else:
                 out.append(InputEdit(fn=self._positions))
+        if self.uses_mrope and not self.params.mask:
+            out.append(InputEdit(fn=self._note_layout))
         if self.params.mask:
             out.append(AttentionMask(layers="all", mask=self._mask, mode="replace", phase="prefill"))
         return out
@@ -500,17 +555,86 @@ class CCA(Method):
             out.append(blocks)
         return out
 
+    def pruned_blocks_for(self, input_ids: torch.Tensor, record: dict[str, Any]) -> list[list[RingBlock]]:
+        """The ringed blocks of a prompt FasterVLM pruned: each image run holds its ``sent`` tokens, and the
+        ringed ones keep the rings of their original (i, j) (``kept`` / ``offsets`` of FasterVLM's record).
+        Rows of ``input_ids`` may be the record's rows expanded (beams)."""
+        samples = record["samples"]
+        rows = input_ids.shape[0]
+        if not samples or rows % len(samples):
+            raise CCALayoutError(
+                f"CCA: the prompt has {rows} rows but FasterVLM pruned {len(samples)}; cannot match them"
+            )
+        repeat = rows // len(samples)
+        gaps = record.get("gap") is not None
+        out = []
+        for r, row in enumerate(self.adapter.image_token_mask(input_ids)):
+            queue = [(int(image["sent"]), image) for image in samples[r // repeat]]
+            blocks: list[RingBlock] = []
+            for start, end, image in _split(_runs(row), queue):
+                blocks.extend(self._pruned_image(start, end, image, gaps, record))
+            if queue:
+                raise CCALayoutError("CCA: FasterVLM kept more images than the pruned prompt holds")
+            out.append(blocks)
+        return out
+
+    def _pruned_image(
+        self, start: int, end: int, image: dict[str, Any], gaps: bool, record: dict[str, Any]
+    ) -> list[RingBlock]:
+        """The ringed blocks of one pruned image occupying ``[start, end)``."""
+        if self.uses_mrope:
+            t, h, w = (int(x) for x in image["grid"])
+            merge = int(self.adapter.config.vision_config.spatial_merge_size)
+            if t != 1:
+                raise CCALayoutError(f"CCA handles still images (t = 1); FasterVLM kept tokens of a t={t} grid")
+            return [kept_block(start, h // merge, w // merge, image["kept"])]
+        if self.adapter.family == "llava-next":
+            base = image["crops"][0]
+            n = math.isqrt(int(base["N"]))
+            blocks = [kept_block(start, n, n, base["kept"], kind="base", gaps=gaps)]
+            if self.params.next_blocks == "all" and "unpadded" in image:
+                if record.get("next_layout") == "spatial":
+                    raise CCALayoutError(
+                        "CCA next_blocks='all' needs FasterVLM's stock LLaVA-NeXT layout (unpadded grid with "
+                        "newlines); next_layout='spatial' has no such grid: use next_blocks='base'"
+                    )
+                hh, ww = (int(x) for x in image["unpadded"])
+                t = int(base["T"])
+                offsets = image["offsets"][t:].long().cpu() - n * n
+                ring = newline_grid_block(0, hh, ww).ring[offsets]
+                blocks.append(
+                    RingBlock(
+                        start + t, (hh, ww), ring, num_rings(hh, ww), "highres", kept=offsets,
+                        span=hh * (ww + 1) if gaps else None, lead=int(offsets[0]) if gaps else 0,
+                    )
+                )
+            return blocks
+        n = int(image["N"])
+        g = math.isqrt(n)
+        if g * g != n or int(image["sent"]) != end - start:
+            raise CCALayoutError(
+                f"CCA: a pruned LLaVA image of {n} stock tokens is not a square grid (or its {image['sent']} kept "
+                f"tokens do not fill [{start}, {end}))"
+            )
+        return [kept_block(start, g, g, image["offsets"], gaps=gaps)]
+
     def _layout(self, ectx: EditContext) -> list[list[RingBlock]] | None:
         cache = self._cache(ectx)
         if "blocks" not in cache:
             ctx = ectx.forward
             blocks = None
+            pruned = pruned_record(ectx)
             if ctx.prompt_ids is not None:
-                blocks = self.blocks_for(ctx.prompt_ids, cache.get("images"))
+                if pruned is not None:
+                    blocks = self.pruned_blocks_for(ctx.prompt_ids, pruned)
+                else:
+                    blocks = self.blocks_for(ctx.prompt_ids, cache.get("images"))
                 if not any(blocks):
                     blocks = None
             cache["blocks"] = blocks
-            if blocks is not None and not self.positions_on:
+            if blocks is not None and pruned is not None and self.positions_on and self.uses_mrope:
+                self._record(self._pruned_mrope_samples(blocks, pruned, ctx.padding_mask))
+            elif blocks is not None and not self.positions_on:
                 self._record(
                     [
                         {
@@ -523,6 +647,39 @@ class CCA(Method):
                     ]
                 )
         return cache["blocks"]
+
+    def _pruned_mrope_samples(
+        self, blocks: list[list[RingBlock]], record: dict[str, Any], real: torch.Tensor | None
+    ) -> list[dict[str, Any]]:
+        """Qwen + FasterVLM: FasterVLM's ``get_rope_index`` wrapper ran CCA's on the unpruned prompt and kept
+        the columns of the kept tokens; the state shows the pruned blocks and the ids of the kept columns."""
+        full, shifts = self._last_rope or (None, None)
+        origin = record["origin"]
+        repeat = len(blocks) // origin.shape[0]
+        samples = []
+        for r, row in enumerate(blocks):
+            b = r // repeat
+            used = None
+            if full is not None and b < full.shape[1]:
+                keep = real[r].cpu().bool() if real is not None else torch.ones(origin.shape[1], dtype=torch.bool)
+                cols = origin[b][keep & (origin[b] >= 0)]
+                if cols.numel() and int(cols.max()) < full.shape[2]:
+                    used = full[:, b, cols.to(full.device)].detach().cpu()
+            samples.append(
+                {
+                    "blocks": [blk.describe() for blk in row],
+                    "deltas": list(shifts[b]) if shifts is not None and b < len(shifts) else [],
+                    "position_range": (int(used.min()), int(used.max())) if used is not None else None,
+                    "position_ids": used,
+                }
+            )
+        return samples
+
+    def _note_layout(self, kwargs: dict[str, Any], ectx: EditContext) -> None:
+        """Qwen with the mask off: lay out a pruned prompt at prefill anyway, for the state."""
+        if ectx.phase == "prefill" and pruned_record(ectx) is not None:
+            self._layout(ectx)
+        return None
 
     def _record(self, samples: list[dict[str, Any]]) -> None:
         self.state["samples"] = samples
@@ -545,11 +702,21 @@ class CCA(Method):
         pos0 = pos0.expand(batch, length)
         if ctx.phase == "prefill":
             real = ctx.padding_mask
+            # FasterVLM positions="original" adds its per-column gap after this edit: the concentric ids are
+            # computed on the gapped (stock) ids and the gap is taken off again here
+            pruned = pruned_record(ectx)
+            gap = pruned.get("gap") if pruned is not None else None
+            if gap is not None:
+                if gap.shape[1] != length or batch % gap.shape[0]:
+                    raise CCALayoutError("CCA: FasterVLM's pruned prompt does not match this prefill call")
+                gap = gap.to(pos0.device, pos0.dtype).repeat_interleave(batch // gap.shape[0], dim=0)
+            else:
+                gap = torch.zeros_like(pos0)
             rows, totals, samples = [], [], []
             for b in range(batch):
                 r = real[b, -length:] if real is not None else None
-                new, deltas = concentric_positions(pos0[b], blocks[b], r)
-                rows.append(new)
+                new, deltas = concentric_positions(pos0[b] + gap[b], blocks[b], r)
+                rows.append(new - gap[b])
                 totals.append(deltas[-1] if deltas else 0)
                 used = new[r.to(new.device)] if r is not None else new
                 samples.append(
@@ -627,6 +794,7 @@ class CCA(Method):
                 }
             )
         self._record(samples)
+        self._last_rope = (position_ids, [s["deltas"] for s in samples])
         return position_ids, new_deltas
 
     # ---- the mask -------------------------------------------------------------------------------

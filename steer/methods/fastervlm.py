@@ -41,7 +41,8 @@ with ``pixel_values`` and an empty cache) run the vision tower once, shorten ``i
 ``attention_mask`` / ``mm_token_type_ids`` and hand the model the kept features as ``mm_encoder_outputs``
 (in place of ``pixel_values``), before any of the model's own bookkeeping. ``generate`` returns the
 caller's prompt (unpruned) followed by the new tokens, so ``out[:, input_ids.shape[1]:]`` still slices the
-answer. Other methods see the pruned sequence (the per-forward context is captured from it).
+answer. Other methods see the pruned sequence (the per-forward context is captured from it); at a pruned
+prefill FasterVLM leaves its record in ``forward.scratch["fastervlm"]`` (CCA rings the kept tokens by it).
 ``Steering.state["fastervlm"]["samples"]``: per sample, per image: ``kept`` indices, ``N``, ``T``, ``sent``
 (tokens sent to the LLM), ``stock`` (tokens the unpruned model gets) and ``offsets`` (each sent token's index
 in the image's stock run); on LLaVA-NeXT ``kept`` / ``T`` per crop under ``crops``.
@@ -377,6 +378,7 @@ class FasterVLM(Method):
         out: list[Edit] = [
             MethodWrap(module=lambda a: a.model, name="generate", fn=self._generate),
             ModuleHook(module=lambda a: a.model, fn=self._before_forward, pre=True, prepend=True),
+            ModuleHook(module=lambda a: a.model, fn=self._publish, pre=True),
             ModuleHook(
                 module=lambda a: a.vision_attention(k),
                 fn=self._score_qwen if self.is_qwen else self._score_clip,
@@ -443,13 +445,31 @@ class FasterVLM(Method):
             self._plan = None
         return None
 
+    def _publish(self, module: nn.Module, args: tuple, kwargs: dict, ectx: EditContext) -> None:
+        """Top-level pre-hook after the context capture: at a pruned prefill, leave the call's record in
+        ``ectx.forward.scratch["fastervlm"]`` for methods that lay out the kept tokens (CCA): ``samples`` (per
+        row of the un-expanded batch, as in the state), ``origin`` [B, L'], ``positions``, ``next_layout`` and
+        ``gap`` [B, L'] (what :meth:`_positions` adds to given position ids at prefill; None unless it runs)."""
+        plan = self._plan
+        if ectx.phase != "prefill" or plan is None:
+            return None
+        original = not self.is_qwen and self.params.positions == "original"
+        ectx.forward.scratch["fastervlm"] = {
+            "samples": plan.extra["samples"],
+            "origin": plan.origin,
+            "positions": "original" if self.is_qwen else self.params.positions,
+            "next_layout": self.params.next_layout if self.is_next else None,
+            "gap": plan.gap_cumsum if original else None,
+        }
+        return None
+
     def _check_partners(self, ectx: EditContext) -> None:
         """Refuse methods that lay out image tokens as a full grid unless they declare pruning support.
 
-        CCA derives each image's grid from its token count; on a pruned prompt that is wrong (or fails).
-        A method class that reads the kept tokens' stock positions (``state["fastervlm"]["samples"]``,
-        ``offsets``) sets ``handles_pruned_tokens = True``.
-        """
+        A grid method that derived each image's grid from its token count would be wrong on a pruned
+        prompt. A method class that lays out the kept tokens from FasterVLM's per-call record
+        (``forward.scratch["fastervlm"]``, see :meth:`_publish`) sets ``handles_pruned_tokens = True``
+        (CCA does)."""
         from steer.registry import registered
 
         classes = registered()
@@ -761,6 +781,7 @@ class FasterVLM(Method):
         if mask is not None or bool((kept != width).any()):
             plan.extra["mask"] = new_mask
         plan.extra["types"] = new_types
+        plan.extra["samples"] = samples
         return plan
 
     # ---- positions ------------------------------------------------------------------------------
