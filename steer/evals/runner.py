@@ -310,10 +310,27 @@ def _md5_lines(values: Iterable[Any]) -> str:
     return hashlib.md5("\n".join(map(str, values)).encode("utf-8")).hexdigest()
 
 
-class ChairTask:
+class _Task:
+    """What both tasks share: the JSON line of a finished sample, with the model output under ``answer_field``."""
+
+    answer_field = "answer"
+
+    def record(
+        self, sample: Sample, answer: str | None, n_tokens: int | None, error: str | None
+    ) -> dict[str, Any]:
+        out = {"key": sample.key, **sample.fields, self.answer_field: answer}
+        if error is None:
+            out["n_generated_tokens"] = n_tokens
+        else:
+            out["error"] = error
+        return out
+
+
+class ChairTask(_Task):
     """CHAIR: caption every selected image with one prompt, score the captions against COCO ground truth."""
 
     name = "chair"
+    answer_field = "caption"
 
     def __init__(
         self,
@@ -329,17 +346,6 @@ class ChairTask:
         self.gt = gt
         self.lineage = lineage
         self.truncate_incomplete = truncate_incomplete
-
-    def record(
-        self, sample: Sample, answer: str | None, n_tokens: int | None, error: str | None
-    ) -> dict[str, Any]:
-        """The JSON line of one finished sample."""
-        out = {"key": sample.key, **sample.fields, "caption": answer}
-        if error is None:
-            out["n_generated_tokens"] = n_tokens
-        else:
-            out["error"] = error
-        return out
 
     def score(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """``{"metrics": {CHAIRs, CHAIRi, Recall, Len, Precision, F1} in percent, "details", "scored"}``."""
@@ -438,10 +444,12 @@ def chair_task(
     return ChairTask(samples, selection, gt, lineage=lineage, truncate_incomplete=truncate_incomplete)
 
 
-class PopeTask:
-    """POPE: ask every selected question about its image, score the answers per split."""
+class PopeTask(_Task):
+    """POPE: ask every selected question about its image, score the answers per split (steer's POPE answer
+    format plus ``key``)."""
 
     name = "pope"
+    answer_field = "answer"
 
     def __init__(
         self,
@@ -455,17 +463,6 @@ class PopeTask:
         self.selection = selection
         self.questions = questions
         self.parser = parser
-
-    def record(
-        self, sample: Sample, answer: str | None, n_tokens: int | None, error: str | None
-    ) -> dict[str, Any]:
-        """The JSON line of one finished sample (steer's POPE answer format plus ``key``)."""
-        out = {"key": sample.key, **sample.fields, "answer": answer}
-        if error is None:
-            out["n_generated_tokens"] = n_tokens
-        else:
-            out["error"] = error
-        return out
 
     def score(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Per split: accuracy, precision, recall, F1, yes-ratio, off-format rate (percent); errors are left out
