@@ -19,11 +19,12 @@ import contextlib
 import functools
 import inspect
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from steer.hooks.lifecycle import HandleRuntime
 
 if TYPE_CHECKING:
     from steer.diffusers.plugin import PipelineSteering
@@ -75,61 +76,27 @@ def call_info_from_encode_prompt(pipe: Any, bound: inspect.BoundArguments) -> Ca
     )
 
 
-class PipelineRuntime:
+class PipelineRuntime(HandleRuntime):
     """All steer state attached to one UNet."""
 
+    attr = _RUNTIME_ATTR
+
     def __init__(self, unet: Any) -> None:
+        super().__init__(unet)
         self.unet = unet
-        self.handles: list[PipelineSteering] = []
         self.saved: dict[str, Any] | None = None
         self.call: CallInfo | None = None
-        self._aux = 0
         self._hooks: list[Any] = []
         self._wrapped: list[tuple[Any, bool, Any]] = []
 
-    # ---- lookup ---------------------------------------------------------------------------------------
-    @staticmethod
-    def of(unet: Any) -> PipelineRuntime | None:
-        return unet.__dict__.get(_RUNTIME_ATTR)
-
-    @classmethod
-    def ensure(cls, unet: Any) -> PipelineRuntime:
-        runtime = cls.of(unet)
-        if runtime is None:
-            runtime = cls(unet)
-            unet.__dict__[_RUNTIME_ATTR] = runtime
-        return runtime
-
-    # ---- auxiliary passes ---------------------------------------------------------------------------------
-    @property
-    def bypassed(self) -> bool:
-        return self._aux > 0
-
-    @contextlib.contextmanager
-    def aux(self) -> Iterator[None]:
+    def aux(self) -> contextlib.AbstractContextManager[None]:
         """Run the UNet outside the generation: not counted, no edits (loss forwards, baselines)."""
-        self._aux += 1
-        try:
-            yield
-        finally:
-            self._aux -= 1
+        return self.disabled()
 
-    # ---- handles --------------------------------------------------------------------------------------------
     def attach(self, handle: PipelineSteering) -> None:
         if self.saved is None:
             self.saved = dict(self.unet.attn_processors)
-        self.handles.append(handle)
-        try:
-            self._reinstall()
-        except BaseException:
-            self.handles.remove(handle)
-            self._reinstall()
-            raise
-
-    def detach(self, handle: PipelineSteering) -> None:
-        if handle in self.handles:
-            self.handles.remove(handle)
-        self._reinstall()
+        super().attach(handle)
 
     def _reinstall(self) -> None:
         self._uninstall()

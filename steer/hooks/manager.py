@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +32,7 @@ from steer.edits import (
 from steer.errors import MissingImageTokensError, SteeringRemovedError
 from steer.hooks import attention as attention_fn
 from steer.hooks.context import ForwardContext
+from steer.hooks.lifecycle import HandleRuntime
 
 if TYPE_CHECKING:
     from steer.adapters.base import Adapter
@@ -54,64 +54,21 @@ def _padding_from_mask(mask: Any, length: int) -> torch.Tensor | None:
     return None
 
 
-class Runtime:
+class Runtime(HandleRuntime):
     """All steer state attached to one model."""
 
+    attr = _RUNTIME_ATTR
+
     def __init__(self, model: nn.Module, adapter: Adapter) -> None:
+        super().__init__(model)
         self.model = model
         self.adapter = adapter
-        self.handles: list[Steering] = []
         self.context = ForwardContext()
         self.attention_edits: dict[int, list[AttentionEdit]] = {}
-        self._bypass = 0
         self._hooks: list[Any] = []
         self._tagged: list[nn.Module] = []
         self._saved_impl: tuple[Any, Any] | None = None
         self._wrapped: list[tuple[nn.Module, str, bool, Any]] = []
-
-    # ---- lookup -----------------------------------------------------------------------------------
-    @staticmethod
-    def of(model: nn.Module) -> Runtime | None:
-        return model.__dict__.get(_RUNTIME_ATTR)
-
-    @classmethod
-    def ensure(cls, model: nn.Module, adapter: Adapter) -> Runtime:
-        runtime = cls.of(model)
-        if runtime is None:
-            runtime = cls(model, adapter)
-            model.__dict__[_RUNTIME_ATTR] = runtime
-        return runtime
-
-    # ---- the guard for auxiliary passes -----------------------------------------------------------
-    @property
-    def bypassed(self) -> bool:
-        return self._bypass > 0
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Run the model with every edit disabled (auxiliary passes; the per-forward context is kept)."""
-        self._bypass += 1
-        try:
-            yield
-        finally:
-            self._bypass -= 1
-
-    # ---- handles ----------------------------------------------------------------------------------
-    def attach(self, handle: Steering) -> None:
-        self.handles.append(handle)
-        try:
-            self._reinstall()
-        except BaseException:
-            self.handles.remove(handle)
-            self._reinstall()
-            raise
-
-    def detach(self, handle: Steering) -> None:
-        if handle in self.handles:
-            self.handles.remove(handle)
-        self._reinstall()
-        if not self.handles:
-            self.model.__dict__.pop(_RUNTIME_ATTR, None)
 
     def edits(self) -> list[Edit]:
         return [e for h in self.handles for e in h.edits]
