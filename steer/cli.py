@@ -89,6 +89,12 @@ def demo(
     prompt = zoo.chat_prompt(family, "Describe the image.")
     inputs = zoo.make_inputs(processor, family, [prompt], [[zoo.sample_image(seed)]])
     gen = {"max_new_tokens": max_new_tokens, "do_sample": False}
+    try:
+        handle = steer.apply(model, method, **_parse_params(param))
+    except steer.SteerError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    handle.remove()
     with torch.no_grad():
         plain_logits = model(**inputs).logits[:, -1].float()
         plain = model.generate(**inputs, **gen)

@@ -31,8 +31,10 @@ def test_demo_other_family_and_method_parameters() -> None:
 
 def test_demo_bad_parameter_is_a_clear_error() -> None:
     result = runner.invoke(app, ["demo", "--method", "scale_heads", "-p", "alpha=-2"])
-    assert result.exit_code != 0
-    assert "out of range" in str(result.exception)
+    assert result.exit_code == 2
+    assert "error: scale_heads: alpha=-2.0 is out of range; it must be in [0, 100]" in result.output
+    result = runner.invoke(app, ["demo", "--method", "var"])  # tiny model: no known sink channels
+    assert result.exit_code == 2 and "steer calibrate sinks" in result.output
 
 
 def test_methods_json() -> None:
