@@ -1,0 +1,83 @@
+"""Tests for steer-demo-llava: reproducible training, real save/load, generation and steering."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlavaForConditionalGeneration  # noqa: E402
+
+import steer  # noqa: E402
+from steer import zoo  # noqa: E402
+from steer.zoo import demo_model, synthscenes, train_demo  # noqa: E402
+
+SMALL = dict(batch_size=4, n_scenes=48, warmup=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = train_demo.TrainConfig(steps=10, seed=0, **SMALL)
+    _, _, losses = train_demo.train(cfg, out=out)
+    return out, losses
+
+
+def test_same_seed_same_losses_other_seed_differs(trained):
+    out, losses = trained
+    assert len(losses) == 10 and all(torch.isfinite(torch.tensor(losses)))
+    assert json.loads((out / "train_log.json").read_text())["loss"] == losses
+    threads = torch.get_num_threads()
+    _, _, again = train_demo.train(train_demo.TrainConfig(steps=10, seed=0, **SMALL))
+    assert again == losses
+    _, _, other = train_demo.train(train_demo.TrainConfig(steps=3, seed=1, **SMALL))
+    assert other != losses[:3]
+    assert torch.get_num_threads() == threads  # restored
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_cli(tmp_path):
+    train_demo.main(
+        ["--steps", "2", "--seed", "0", "--batch-size", "2", "--n-scenes", "8", "--out", str(tmp_path)]
+    )
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert len(log["loss"]) == 2 and log["config"]["seed"] == 0
+    assert (tmp_path / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+def test_saved_folder_loads_generates_and_steers(trained):
+    out, _ = trained
+    model, processor = zoo.load(out)
+    assert isinstance(model, LlavaForConditionalGeneration)
+    config = model.config
+    assert config.vision_config.model_type == "clip_vision_model"
+    assert config.text_config.model_type == "llama"
+    images = [image for image, _ in synthscenes.generate(5, 2)]
+    inputs = demo_model.caption_inputs(processor, images)
+    assert int((inputs["input_ids"] == config.image_token_index).sum()) == 2 * demo_model.IMAGE_TOKENS
+    with torch.no_grad():
+        ref = model(**inputs).logits[:, -1]
+    tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 5 or processor.tokenizer.eos_token_id in tokens
+    text = processor.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert all(set(t.split()) <= set(demo_model.vocabulary()) for t in text)
+    with steer.apply(model, "image_attention", scale=3.0):
+        with torch.no_grad():
+            steered = model(**inputs).logits[:, -1]
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert not torch.allclose(steered, ref)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits[:, -1], ref)
+
+
+def test_tokenizer_roundtrip():
+    tok = demo_model.build_tokenizer()
+    scene = synthscenes.sample_scenes(0, 1)[0]
+    ids = tok(scene.caption).input_ids
+    assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == scene.caption
+    assert tok.unk_token_id not in tok("Is there a cup in the image?").input_ids
