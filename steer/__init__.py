@@ -14,6 +14,7 @@ from steer.errors import (
     MissingImageTokensError,
     SteerError,
     SteeringRemovedError,
+    SteerInputError,
     UnknownMethodError,
     UnsupportedModelError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "SteerError",
     "Steering",
     "SteeringRemovedError",
+    "SteerInputError",
     "UnknownMethodError",
     "UnsupportedModelError",
     "apply",

@@ -26,6 +26,11 @@ class MissingImageTokensError(SteerError, ValueError):
     """A method that works on image tokens got a prompt without any."""
 
 
+class SteerInputError(SteerError, ValueError):
+    """A pipeline call or method input steer cannot honour: a word not in the prompt (the message lists the
+    prompt's tokens), a word split into several tokens, an unsupported call argument or scheduler."""
+
+
 class AlreadySteeredError(SteerError, RuntimeError):
     """The same method is already active on this model."""
 

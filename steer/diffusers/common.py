@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from steer.errors import SteerError, UnsupportedModelError
+from steer.errors import SteerInputError, UnsupportedModelError
 
 #: Pipeline classes steer's diffusers plugin hosts, with the family name methods declare.
 SUPPORTED_PIPELINES = {
@@ -22,11 +22,6 @@ SUPPORTED_PIPELINES = {
 }
 PIPELINE_FAMILIES = ("sd", "sdxl")
 _ARTICLES = {"a", "an", "the"}
-
-
-class SteerInputError(SteerError, ValueError):
-    """A pipeline call or method input steer cannot honour: a word not in the prompt (the message lists the
-    prompt's tokens), a word split into several tokens, an unsupported call argument or scheduler."""
 
 
 def pipeline_family(pipe: Any) -> str | None:
