@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
+from memory import peak_bytes  # noqa: E402  (benchmarks/memory.py)
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
 import steer  # noqa: E402
@@ -154,53 +152,6 @@ def timed(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - start
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of live tensors allocated by aten ops while active (CPU stand-in for max_memory_allocated)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _free(self, ptr: int) -> None:
-        self.current -= self.live.pop(ptr, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor) and t.device.type != "meta"
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            storage = t.untyped_storage()
-            ptr, size = storage.data_ptr(), storage.nbytes()
-            if size == 0 or ptr in inputs or ptr in self.live:
-                continue
-            self.live[ptr] = size
-            self.current += size
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(t, self._free, ptr)
-        return out
-
-
-def peak_prefill_bytes(model: Any, inputs: dict[str, Any], device: str) -> int:
-    with torch.no_grad():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            model(**inputs)
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - before
-        with LiveBytes() as tracker:
-            model(**inputs)
-        return tracker.peak
-
-
 def prefill_and_decode(
     model: Any, inputs: dict[str, Any], device: str, new_tokens: int
 ) -> tuple[float, float]:
@@ -255,7 +206,7 @@ def measure(
                             results[variant]["selected_rows"] = sum(
                                 int(e["selected_rows"].sum()) for e in state[0].values()
                             )
-                        results[variant]["peak_bytes"] = peak_prefill_bytes(model, inputs, device)
+                        results[variant]["peak_bytes"] = peak_bytes(lambda: model(**inputs), device)
                 finally:
                     if handle is not None:
                         handle.remove()

@@ -30,17 +30,16 @@ import platform
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memory import peak_bytes  # noqa: E402  (benchmarks/memory.py)
 
 from steer.kernels import group_reweight_reference, reweighted_attention, triton_group  # noqa: E402
 from steer.kernels.lse import MATH_MAX_ROWS, attention_with_lse  # noqa: E402
@@ -172,53 +171,6 @@ def time_ms(fn: Callable[[], Any], device: str, repeats: int, warmup: int = 2) -
     return statistics.median(times)
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of live tensors that aten ops allocate while active (CPU stand-in for max_memory_allocated)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _free(self, ptr: int) -> None:
-        self.current -= self.live.pop(ptr, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {
-            t.untyped_storage().data_ptr()
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            ptr, size = storage.data_ptr(), storage.nbytes()
-            if size == 0 or ptr in seen or ptr in self.live:
-                continue
-            self.live[ptr] = size
-            self.current += size
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(t, self._free, ptr)
-        return out
-
-
-def peak_mib(fn: Callable[[], Any], device: str) -> float:
-    with torch.no_grad():
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - before) / 2**20
-        with LiveBytes() as tracker:
-            fn()
-        return tracker.peak / 2**20
-
-
 def measure(
     c: dict[str, Any], phase: str, prompt: int, q_len: int, repeats: int, ref_max: float
 ) -> dict[str, Any]:
@@ -235,15 +187,15 @@ def measure(
     }
     row["sdpa_ms"] = time_ms(lambda: sdpa(c), device, repeats)
     row["fused_ms"] = time_ms(lambda: steered(c), device, repeats)
-    row["sdpa_mib"] = peak_mib(lambda: sdpa(c), device)
-    row["fused_mib"] = peak_mib(lambda: steered(c), device)
+    row["sdpa_mib"] = peak_bytes(lambda: sdpa(c), device) / 2**20
+    row["fused_mib"] = peak_bytes(lambda: steered(c), device) / 2**20
     if device == "cuda":
         row["lse_ms"] = time_ms(lambda: steered(c, "fused"), device, repeats)
-        row["lse_mib"] = peak_mib(lambda: steered(c, "fused"), device)
+        row["lse_mib"] = peak_bytes(lambda: steered(c, "fused"), device) / 2**20
     est_gb = 6 * heads * q_len * prompt * 4 / 1e9
     if est_gb <= ref_max:
         row["ref_ms"] = time_ms(lambda: reference(c), device, max(1, min(repeats, 3)), warmup=1)
-        row["ref_mib"] = peak_mib(lambda: reference(c), device)
+        row["ref_mib"] = peak_bytes(lambda: reference(c), device) / 2**20
         with torch.no_grad():
             row["max_abs_diff_fused_ref"] = (steered(c).float() - reference(c).float()).abs().max().item()
             if device == "cuda":
