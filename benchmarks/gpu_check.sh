@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check of steer's attention kernels: the parity tests compiled for the GPU (no TRITON_INTERPRET), then
-# benchmarks/kernels.py on CUDA. Writes everything into OUTDIR; about 1-3 minutes on one H100 (hard limits:
+# benchmarks/group_kernels.py on CUDA. Writes everything into OUTDIR; about 1-3 minutes on one H100 (hard limits:
 # 180 s tests + 150 s benchmark + a few s of probes, so < 5 min in every case).
 #
 #   benchmarks/gpu_check.sh OUTDIR
@@ -52,7 +52,7 @@ rc_tests=$?
 t1=$(date +%s)
 tail -n 3 "$OUT/pytest.log"
 
-timeout 150 "$PY" benchmarks/kernels.py --device cuda --lengths 1024,4096,16384 --decode-cache 4096 \
+timeout 150 "$PY" benchmarks/group_kernels.py --device cuda --lengths 1024,4096,16384 --decode-cache 4096 \
     --heads 32 --head-dim 128 --dtype bf16 --repeats 10 --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
 rc_bench=$?
 t2=$(date +%s)

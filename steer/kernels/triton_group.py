@@ -42,7 +42,7 @@ attention function has it already), so the kernel does not accumulate ``A`` but 
 
 the form the LSE-merge path uses too. A slot's ``P·V`` product is skipped on key tiles that hold none of
 its keys, so for VAR (a few sink keys, one contiguous image span) most tiles cost only the ``Q·Kᵀ``
-product and the softmax sums (GPU timings: ``benchmarks/kernels.py``, not yet measured).
+product and the softmax sums (GPU timings: ``benchmarks/group_kernels.py``, not yet measured).
 
 This module never imports Triton itself (:data:`HAVE_TRITON` says whether it is installed); the kernels
 (:mod:`steer.kernels._triton_group_kernels`) load on the first call. Under ``TRITON_INTERPRET=1`` (CPU

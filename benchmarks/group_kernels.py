@@ -1,6 +1,6 @@
 """Cost of steer's fused VAR attention against plain SDPA and the eager reference. Not a test.
 
-    /work/venv/bin/python benchmarks/kernels.py [--device cpu|cuda] [--lengths 1024,4096,16384]
+    /work/venv/bin/python benchmarks/group_kernels.py [--device cpu|cuda] [--lengths 1024,4096,16384]
         [--decode-cache 4096] [--heads 32] [--kv-heads 32] [--head-dim 128] [--dtype bf16|fp16|fp32]
         [--repeats 5] [--json FILE]
 
