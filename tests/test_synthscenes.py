@@ -47,8 +47,10 @@ def test_cooccurrence_frequencies(scenes):
         assert len(with_t) > 150
         rate = np.mean([partner in s.kinds for s in with_t])
         base = np.mean([partner in s.kinds for s in without])
-        assert abs(rate - p) < 0.06, (trigger, rate)
-        assert abs(base - S.PARTNER_BASE_RATE) < 0.03, (partner, base)
+        # within 4 standard errors of the sampling rate (the base rate loses a little to the 4-object cap)
+        assert abs(rate - p) < 4 * np.sqrt(p * (1 - p) / len(with_t)), (trigger, rate)
+        q = S.PARTNER_BASE_RATE
+        assert -0.02 - 4 * np.sqrt(q * (1 - q) / len(without)) < base - q < 0.01, (partner, base)
 
 
 def test_captions_name_exactly_the_objects(scenes):

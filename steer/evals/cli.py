@@ -417,13 +417,51 @@ def _make_loader(
     return load
 
 
-def _run_eval(task_name: str, build: Callable[[], Any], common: dict[str, Any], extra_prompt: str) -> None:
-    """Shared body of ``steer eval chair`` and ``steer eval pope``."""
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    # option -> (COCO default, built-in benchmark default)
+    "chair": {"max_new_tokens": (512, 64), "batch_size": (1, 16)},
+    "pope": {"max_new_tokens": (128, 16), "batch_size": (1, 16)},
+}
+
+
+def _resolve_defaults(task_name: str, common: dict[str, Any]) -> Any:
+    """Fill the options left unset (``None``); with ``--model builtin:demo`` from the built-in benchmark
+    (its images, batch 16, short generations, the ``plain`` template the demo model was trained on).
+    Returns the built-in split (or ``None``)."""
+    from steer.evals import builtin
+
+    bench = builtin.split() if builtin.is_builtin(common["model"]) else None
+    for name, (coco, demo) in _DEFAULTS[task_name].items():
+        if common[name] is None:
+            common[name] = demo if bench is not None else coco
+    if common["images"] is None:
+        if bench is None:
+            raise EvalInputError(
+                f"--images is required (the COCO val2014 folder); or run the built-in benchmark: "
+                f"steer eval {task_name} --model {builtin.BUILTIN_DEMO}"
+            )
+        common["images"] = bench.images
+    if bench is not None and common["template"] == "auto":
+        common["template"] = "plain"
+    return bench
+
+
+def _default_out(settings: Any) -> Path:
+    """``runs/<task>-<model>-<methods>-<settings hash>``: one folder per distinct run, resumed when repeated."""
+    model = Path(settings.model).name if "/" in settings.model else settings.model
+    slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in f"{model}-{settings.method_label}")
+    return Path("runs") / f"{settings.task}-{slug}-{settings.stable_hash()[:8]}"
+
+
+def _run_eval(task_name: str, build: Callable[[Any], Any], common: dict[str, Any], extra_prompt: str) -> None:
+    """Shared body of ``steer eval chair`` and ``steer eval pope``; ``build(builtin split or None)`` makes the
+    task once the defaults are resolved."""
     from steer.evals import report, runner
     from steer.evals.loading import DTYPES, quantization_config, resolve_model_name
 
-    out: Path = common["out"]
+    out: Path | None = common["out"]
     with _eval_errors(out):
+        bench = _resolve_defaults(task_name, common)
         if common["batch_size"] < 1:
             raise EvalInputError(f"--batch-size must be >= 1, got {common['batch_size']}")
         if common["max_new_tokens"] < 1:
@@ -435,7 +473,7 @@ def _run_eval(task_name: str, build: Callable[[], Any], common: dict[str, Any], 
         if common["load_in_4bit"] or common["load_in_8bit"]:
             quantization_config(common["load_in_4bit"], common["load_in_8bit"], common["dtype"])
         methods = list(dict.fromkeys(common["method"]))
-        task = build()
+        task = build(bench)
         rank, world_size, state = runner.distributed_context()
         device_map: Any = common["device_map"]
         if world_size > 1 and device_map is None:
@@ -460,6 +498,9 @@ def _run_eval(task_name: str, build: Callable[[], Any], common: dict[str, Any], 
             device_map=device_map if isinstance(device_map, (str, type(None))) else str(device_map),
             images=str(Path(common["images"]).resolve()),
         )
+        if out is None:
+            out = _default_out(settings)
+            typer.echo(f"run folder: {out}", err=True)
         load = _make_loader(
             settings,
             out,
@@ -506,11 +547,11 @@ def _common(
     method: list[str],
     param: list[str],
     recipe: str | None,
-    images: Path,
+    images: Path | None,
     num_images: int,
-    max_new_tokens: int,
-    batch_size: int,
-    out: Path,
+    max_new_tokens: int | None,
+    batch_size: int | None,
+    out: Path | None,
     dtype: str,
     device_map: str | None,
     load_in_4bit: bool,
@@ -524,7 +565,12 @@ def _common(
     return dict(locals())
 
 
-_MODEL = typer.Option(..., "--model", help="Model folder (a steer.zoo folder or a checkpoint) or hub id.")
+_MODEL = typer.Option(
+    ...,
+    "--model",
+    help="Model folder (a steer.zoo folder or a checkpoint), hub id, or builtin:demo (the shipped demo model "
+    "on the built-in SynthScenes benchmark, offline).",
+)
 _METHOD = typer.Option([], "--method", "-m", help="steer method to apply (repeatable; see `steer methods`).")
 _PARAM = typer.Option(
     [], "--param", "-p", help="Method parameter NAME=VALUE or METHOD.NAME=VALUE (JSON value)."
@@ -532,10 +578,21 @@ _PARAM = typer.Option(
 _RECIPE = typer.Option(
     None, "--recipe", help="Recipe, e.g. llava-1.5/var (or var: the model's family is used)."
 )
-_IMAGES = typer.Option(..., "--images", help="Folder with the COCO val2014 images (COCO_val2014_*.jpg).")
+_IMAGES = typer.Option(
+    None,
+    "--images",
+    help="Folder with the COCO val2014 images (COCO_val2014_*.jpg); default with builtin:demo: the built-in split.",
+)
 _NUM_IMAGES = typer.Option(500, "--num-images", help="Number of images to evaluate.")
-_BATCH = typer.Option(1, "--batch-size", help="Samples per generate call (left padding).")
-_OUT = typer.Option(..., "--out", help="Run folder: samples.jsonl, settings.json, metrics.json, report.md.")
+_BATCH = typer.Option(
+    None, "--batch-size", help="Samples per generate call, left padded (default 1; builtin:demo 16)."
+)
+_OUT = typer.Option(
+    None,
+    "--out",
+    help="Run folder: samples.jsonl, settings.json, metrics.json, report.md "
+    "(default: runs/<task>-<model>-<methods>-<settings hash>).",
+)
 _DTYPE = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16.")
 _DEVICE_MAP = typer.Option(
     None, "--device-map", help="from_pretrained device_map (default: auto on CUDA, else CPU)."
@@ -559,13 +616,13 @@ def eval_chair(
     method: list[str] = _METHOD,
     param: list[str] = _PARAM,
     recipe: str | None = _RECIPE,
-    images: Path = _IMAGES,
+    images: Path | None = _IMAGES,
     num_images: int = _NUM_IMAGES,
-    max_new_tokens: int = typer.Option(
-        512, "--max-new-tokens", help="New tokens per caption (512 long, 64 short)."
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", help="New tokens per caption (default 512 long; 64 short and builtin:demo)."
     ),
-    batch_size: int = _BATCH,
-    out: Path = _OUT,
+    batch_size: int | None = _BATCH,
+    out: Path | None = _OUT,
     dtype: str = _DTYPE,
     device_map: str | None = _DEVICE_MAP,
     load_in_4bit: bool = _4BIT,
@@ -583,7 +640,14 @@ def eval_chair(
     prompt: str = typer.Option(
         CHAIR_PROMPT, "--prompt", help="The user text (spec: CHAIR's standard prompt)."
     ),
-    gt_objects: Path | None = typer.Option(None, "--gt-objects", help="Ground-truth map (default: shipped)."),
+    gt_objects: Path | None = typer.Option(
+        None, "--gt-objects", help="Ground-truth map (default: shipped COCO map; builtin:demo: its split's)."
+    ),
+    synonyms: Path | None = typer.Option(
+        None,
+        "--synonyms",
+        help="CHAIR synonym table (default: COCO's; builtin:demo: the scene vocabulary's).",
+    ),
     lineage: str = typer.Option("original", "--lineage", help="original or opera."),
     truncate_incomplete: bool = typer.Option(
         False, help="Cut captions not ending in .!? after their last '.'."
@@ -611,17 +675,18 @@ def eval_chair(
         progress,
     )
 
-    def build() -> Any:
+    def build(bench: Any) -> Any:
         from steer.evals import runner
 
         return runner.chair_task(
-            images,
+            common["images"],
             num_images=num_images,
             image_ids=image_ids,
-            gt_objects=gt_objects,
+            gt_objects=gt_objects or (bench.gt_objects if bench is not None else None),
             prompt=prompt,
             lineage=lineage,
             truncate_incomplete=truncate_incomplete,
+            synonyms=synonyms or (bench.synonyms if bench is not None else None),
         )
 
     _run_eval("chair", build, common, prompt)
@@ -633,14 +698,18 @@ def eval_pope(
     method: list[str] = _METHOD,
     param: list[str] = _PARAM,
     recipe: str | None = _RECIPE,
-    images: Path = _IMAGES,
+    images: Path | None = _IMAGES,
     split: list[str] = typer.Option(
-        ["random"], "--split", help="random, popular, adversarial (repeatable) or all."
+        [],
+        "--split",
+        help="random, popular, adversarial (repeatable) or all (default: random; builtin:demo: all).",
     ),
     num_images: int = _NUM_IMAGES,
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="New tokens per answer (LLaVA: 128)."),
-    batch_size: int = _BATCH,
-    out: Path = _OUT,
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", help="New tokens per answer (default 128 as LLaVA; builtin:demo 16)."
+    ),
+    batch_size: int | None = _BATCH,
+    out: Path | None = _OUT,
     dtype: str = _DTYPE,
     device_map: str | None = _DEVICE_MAP,
     load_in_4bit: bool = _4BIT,
@@ -684,12 +753,15 @@ def eval_pope(
         progress,
     )
 
-    def build() -> Any:
+    def build(bench: Any) -> Any:
         from steer.evals import runner
 
+        splits = _expand_splits(split or (["all"] if bench is not None else ["random"]))
+        own = bench is not None and questions is None and questions_dir is None
         return runner.pope_task(
-            images,
-            splits=_expand_splits(split),
+            common["images"],
+            splits=splits,
+            question_files={s: bench.pope_questions(s) for s in pope.SPLITS} if own else None,
             questions=questions,
             questions_dir=questions_dir,
             version=pope_version,

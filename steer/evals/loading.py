@@ -47,7 +47,7 @@ class LoadedModel:
     """A loaded model with its processor and what is needed to prompt it.
 
     ``family`` is steer's adapter family (``llava-1.5``, ``llava-next``, ``qwen2-vl``, ``qwen2.5-vl``);
-    ``model_type`` the config's ``model_type`` (``llava``, ...); ``source`` one of ``zoo``, ``local``,
+    ``model_type`` the config's ``model_type`` (``llava``, ...); ``source`` one of ``builtin``, ``zoo``, ``local``,
     ``hub``; ``info`` what was actually used (dtype, device map, quantization, attention backend).
     """
 
@@ -162,10 +162,11 @@ def load_model(
     load_in_8bit: bool = False,
     attn_implementation: str | None = None,
 ) -> LoadedModel:
-    """Load ``model`` (a local folder or a hub id) and its processor for generation.
+    """Load ``model`` (a local folder, a hub id or ``builtin:demo``) and its processor for generation.
 
     Args:
-        model: a folder written by ``steer.zoo.save``, a local checkpoint folder or a hub id.
+        model: a folder written by ``steer.zoo.save``, a local checkpoint folder, a hub id, or ``builtin:demo``
+            (the trained steer-demo-llava shipped in ``steer/zoo/demo/``).
         dtype: ``auto`` (the checkpoint's dtype), ``float32``, ``float16`` or ``bfloat16``.
         device_map: passed to ``from_pretrained``; ``None`` means ``"auto"`` when CUDA is available, else CPU.
             Under ``accelerate launch`` the runner passes ``{"": <this process's device>}``.
@@ -178,10 +179,14 @@ def load_model(
     """
     from steer.adapters import adapter_for
     from steer.errors import UnsupportedModelError
+    from steer.evals import builtin
 
     torch_dtype = _torch_dtype(dtype)
     quantization = quantization_config(load_in_4bit, load_in_8bit, dtype)
     device_map = _default_device_map(device_map)
+    requested = model
+    if builtin.is_builtin(model):
+        model = builtin.resolve_model(model)
     path = Path(model).expanduser()
     local = path.is_dir()
     if path.exists() and not local:
@@ -192,7 +197,8 @@ def load_model(
         raise EvalInputError(f"--model {model}: the folder has no config.json")
     model_type = str(_read_config(path).get("model_type", "")) if local else ""
 
-    if local and is_zoo_folder(path) and quantization is None:
+    demo = requested != model
+    if local and (demo or is_zoo_folder(path)) and quantization is None:
         from steer import zoo
 
         zoo_dtype = None if torch_dtype == "auto" else torch_dtype
@@ -201,7 +207,7 @@ def load_model(
             kwargs["dtype"] = zoo_dtype
         loaded, processor = zoo.load(path, **kwargs)
         processor.tokenizer.padding_side = "left"
-        source = "zoo"
+        source = "builtin" if demo else "zoo"
     else:
         from transformers import AutoModelForImageTextToText
 
@@ -237,7 +243,7 @@ def load_model(
     return LoadedModel(
         model=loaded,
         processor=processor,
-        name=name,
+        name=requested if demo else name,
         family=family,
         model_type=model_type or str(getattr(loaded.config, "model_type", "")),
         source=source,

@@ -340,12 +340,14 @@ class ChairTask(_Task):
         *,
         lineage: str = "original",
         truncate_incomplete: bool = False,
+        vocabulary: chair.Vocabulary | None = None,
     ) -> None:
         self.samples = samples
         self.selection = selection
         self.gt = gt
         self.lineage = lineage
         self.truncate_incomplete = truncate_incomplete
+        self.vocabulary = vocabulary
 
     def score(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """``{"metrics": {CHAIRs, CHAIRi, Recall, Len, Precision, F1} in percent, "details", "scored"}``."""
@@ -355,7 +357,11 @@ class ChairTask(_Task):
         if not captions:
             raise EvalInputError("no caption could be generated (every sample is an error); nothing to score")
         result = chair.score_captions(
-            captions, self.gt, lineage=self.lineage, truncate_incomplete=self.truncate_incomplete
+            captions,
+            self.gt,
+            vocabulary=self.vocabulary,
+            lineage=self.lineage,
+            truncate_incomplete=self.truncate_incomplete,
         )
         overall = result["overall"]
         metrics = {
@@ -382,8 +388,11 @@ def chair_task(
     prompt: str = CHAIR_PROMPT,
     lineage: str = "original",
     truncate_incomplete: bool = False,
+    synonyms: Path | None = None,
 ) -> ChairTask:
     """Select the CHAIR images and build the task.
+
+    ``synonyms`` is a CHAIR synonym table other than the shipped COCO one (e.g. the built-in benchmark's).
 
     Selection: the ids of ``image_ids`` (one per line) when given; else the OPERA-500 list when every one of its
     images is in ``images_dir``; else the image files sorted by id. The first ``num_images`` are kept. Image ids
@@ -418,6 +427,7 @@ def chair_task(
     if not ids:
         raise EvalInputError(f"{images_dir}: no images named like COCO files (COCO_val2014_000000123456.jpg)")
     gt = chair.load_gt(gt_objects)
+    vocabulary = chair.load_vocabulary(synonyms) if synonyms is not None else None
     absent = [i for i in ids if i not in gt.objects]
     if absent:
         raise EvalInputError(
@@ -441,7 +451,16 @@ def chair_task(
         "image_ids_md5": _md5_lines(ids),
         "gt_md5": gt.md5,
     }
-    return ChairTask(samples, selection, gt, lineage=lineage, truncate_incomplete=truncate_incomplete)
+    if vocabulary is not None:
+        selection["synonyms_md5"] = vocabulary.md5
+    return ChairTask(
+        samples,
+        selection,
+        gt,
+        lineage=lineage,
+        truncate_incomplete=truncate_incomplete,
+        vocabulary=vocabulary,
+    )
 
 
 class PopeTask(_Task):
@@ -550,10 +569,12 @@ def pope_task(
     num_images: int = 500,
     prompt: str = "llava",
     parser: str = "official",
+    question_files: Mapping[str, Path] | None = None,
 ) -> PopeTask:
     """Load the question files of ``splits`` and build the task.
 
-    ``questions`` (one split only) overrides the lookup of ``coco_pope_{split}[_2023-08].json`` in
+    ``question_files`` maps each split to its file (the built-in benchmark); else ``questions`` (one split only)
+    overrides the lookup of ``coco_pope_{split}[_2023-08].json`` in
     ``questions_dir`` / ``$STEER_POPE_DIR`` / the package data / a checkout's ``../shared/data/pope``.
     ``num_images`` keeps the questions of the first N distinct images in the first split's file order (all
     three POPE splits use the same 500 images). Missing images are an error listing the first few.
@@ -579,7 +600,12 @@ def pope_task(
         raise EvalInputError("--questions gives one file: use it with a single --split")
     sets: dict[str, pope.QuestionSet] = {}
     for split in splits:
-        path = Path(questions) if questions is not None else _find_questions(split, version, questions_dir)
+        if question_files is not None:
+            path = Path(question_files[split])
+        elif questions is not None:
+            path = Path(questions)
+        else:
+            path = _find_questions(split, version, questions_dir)
         sets[split] = pope.load_questions(path)
     first = next(iter(sets.values()))
     chosen: list[str] = []

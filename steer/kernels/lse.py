@@ -199,12 +199,15 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
 
 
 def _group_columns(labels: Tensor, g: int) -> Tensor | slice | None:
-    """Key columns that hold group g in some sample: a slice when contiguous, else an index; None if empty."""
+    """Key columns that hold group g in some sample: a slice when (nearly) contiguous, else an index; None if
+    empty. A span with at most ``max(16, n // 8)`` foreign columns in it is still a slice (the foreign keys
+    are masked out by label): a strided view beats copying K and V (e.g. VAR's non-sink visual tokens, an
+    image span with a few sinks taken out)."""
     cols = (labels == g).any(0).nonzero().flatten()
     if cols.numel() == 0:
         return None
     lo, hi = int(cols[0]), int(cols[-1]) + 1
-    if hi - lo == cols.numel():
+    if hi - lo - cols.numel() <= max(16, cols.numel() // 8):
         return slice(lo, hi)
     return cols
 
@@ -218,7 +221,12 @@ def _group_pass(
     g: int,
     scale: float,
 ) -> tuple[Tensor, Tensor] | None:
-    """(out_g, lse_g) of attention restricted to the keys of group g; None when no sample has such a key."""
+    """(out_g, lse_g) of attention restricted to the keys of group g; None when no sample has such a key.
+
+    When the caller's mask allows every key of the group's columns for every row (text after an image
+    looking at that image), it is dropped and only the label test remains: a [B, 1, 1, Kg] mask instead of a
+    [B, H, n, Kg] one, which the fused kernel reads once per row block instead of per row.
+    """
     cols = _group_columns(labels, g)
     if cols is None:
         return None
@@ -230,6 +238,8 @@ def _group_pass(
         m = None if mask is None else mask.index_select(3, cols)
     in_group = lab == g  # [B, Kg]
     gm = in_group[:, None, None, :]
+    if m is not None and bool((m | ~gm).all()):
+        m = None
     if m is not None:
         gm = m & gm
     elif bool(in_group.all()):

@@ -4,18 +4,23 @@
   LLaVA's ``default`` feature strategy drops the CLS, so an image becomes 64 ``<image>`` tokens.
 * Projector: LLaVA's 2-layer GELU MLP.
 * Text: Llama decoder, hidden 128, 4 layers, 4 heads (2 KV heads), vocabulary = the word-level tokenizer's.
-* Tokenizer: `tokenizers` ``WordLevel`` over the SynthScenes caption words, the prompt/question words and
+* Tokenizer: `tokenizers` ``WordLevel`` over the SynthScenes caption words, the words of the two prompts and
   ``<pad> <s> </s> <unk> <image>``; lower-cases, splits punctuation off (``image?`` -> ``image ?``), prepends
   ``<s>``; decoding joins words with spaces.
 * Processor: the real `LlavaProcessor` with `CLIPImageProcessorPil`.
+* Prompts: those of ``steer eval`` with the ``plain`` template (`steer.zoo.chat_prompt("llava", ...)`), so the
+  evaluation runner asks exactly what the model was trained on: `caption_prompt` (CHAIR's
+  ``Please describe this image in detail.``) and `question_prompt` (POPE's ``llava`` prompt).
 
 `build` makes a randomly initialised model and processor (seeded); `train_demo` trains it; `load` reads a
-saved folder with the real `from_pretrained`.
+saved folder with the real `from_pretrained`; `load_demo` reads the trained weights shipped in
+``steer/zoo/demo/`` (`weights_dir`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +37,52 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from steer.evals.runner import CHAIR_PROMPT, POPE_PROMPTS
+
 from . import synthscenes
+from .inputs import chat_prompt
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
 SPECIALS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
-PROMPT_WORDS: tuple[str, ...] = ("describe", "the", "image", "is", "there", "in", "?", "yes", "no")
-CAPTION_PROMPT = "<image> describe the image ."
+ANSWERS: tuple[str, ...] = ("yes", "no")
+
+
+def caption_prompt() -> str:
+    """The captioning prompt: ``USER: <image>\nPlease describe this image in detail. ASSISTANT:``."""
+    return chat_prompt("llava", CHAIR_PROMPT)
+
+
+def question_prompt(kind: str) -> str:
+    """The yes/no prompt about `kind`: POPE's question with the ``llava`` answer instruction, as a chat turn."""
+    return chat_prompt("llava", POPE_PROMPTS["llava"].format(question=synthscenes.pope_question(kind)))
+
+
+def answer(kind: str, present: bool) -> str:
+    """The demo model's answer to `question_prompt(kind)`: the kind, then ``yes`` or ``no`` (``cup yes``).
+
+    Naming the kind first is what makes the question learnable by a model this small: the yes/no token is
+    then predicted at a position whose own token is the asked kind, so deciding is one step (is this kind in
+    the image?) instead of two (which kind was asked, then is it there?), and training leaves the chance
+    plateau. POPE's official parser reads ``cup yes`` as yes and ``cup no`` as no.
+    """
+    return f"{kind} {'yes' if present else 'no'}"
+
+
+CAPTION_PROMPT = caption_prompt()
 """The training prompt; the model continues it with a SynthScenes caption."""
+
+
+def _words(text: str) -> list[str]:
+    """The tokenizer's split: lower-case, runs of word characters or of punctuation (``Whitespace``)."""
+    return re.findall(r"\w+|[^\w\s]+", text.replace("<image>", " ").lower())
+
+
+PROMPT_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys([*_words(CAPTION_PROMPT), *_words(question_prompt("cup")), *ANSWERS])
+)
+"""Words of the prompts and answers (the question's kind comes from the caption vocabulary)."""
 
 
 def vocabulary() -> list[str]:
@@ -150,11 +192,31 @@ def save(model: PreTrainedModel, processor: LlavaProcessor, path: str | os.PathL
     return path
 
 
-def load(path: str | os.PathLike, attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, Any]:
+def load(
+    path: str | os.PathLike, attn_implementation: str = "sdpa", **kwargs: Any
+) -> tuple[PreTrainedModel, Any]:
     """Load a saved steer-demo-llava folder through `steer.zoo.load` (real `from_pretrained`, local only)."""
     from .tiny import load as zoo_load
 
-    return zoo_load(path, attn_implementation=attn_implementation)
+    model, processor = zoo_load(path, attn_implementation=attn_implementation, **kwargs)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def weights_dir() -> Path:
+    """The folder of the shipped, trained steer-demo-llava (``steer/zoo/demo/``; model card in its README.md)."""
+    return Path(__file__).resolve().parent / "demo"
+
+
+def load_demo(attn_implementation: str = "sdpa", **kwargs: Any) -> tuple[PreTrainedModel, Any]:
+    """The trained steer-demo-llava shipped with steer, loaded with `from_pretrained` from `weights_dir`."""
+    path = weights_dir()
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the demo model's weights are missing from {path}; train them with "
+            f"python -m steer.zoo.train_demo --out {path}"
+        )
+    return load(path, attn_implementation=attn_implementation, **kwargs)
 
 
 def caption_inputs(processor: LlavaProcessor, images: list[Any]) -> Any:
@@ -171,8 +233,13 @@ __all__ = [
     "build_config",
     "build_processor",
     "build_tokenizer",
+    "answer",
     "caption_inputs",
+    "caption_prompt",
     "load",
+    "load_demo",
+    "question_prompt",
     "save",
     "vocabulary",
+    "weights_dir",
 ]

@@ -1,7 +1,11 @@
 """SynthScenes: a procedural, seeded benchmark of simple scenes with deliberate object co-occurrence.
 
-Every scene holds 1 to 6 objects out of 20 kinds (shapes and simple icons), each with a colour, a size and a
-cell of a 3x3 grid, drawn with PIL on a textured background (stripes, checker, dots or noise). Every scene has a
+Every scene holds 1 to 4 objects out of 20 kinds (shapes and simple icons), each with a colour, a size and a
+cell of a 2x2 grid, drawn with PIL at the centre of its cell on a textured background (stripes, checker, dots or
+noise). Centring matters: at the demo model's 64 px and 8 px patches every cell is 4x4 patches, and a small
+vision transformer trained from scratch learns the shapes within minutes when they sit on the patch grid, but
+hardly at all when they are jittered across it (measured: balanced presence accuracy 0.79 vs 0.54 after 300
+steps). Every scene has a
 caption in a small fixed template vocabulary that names exactly its objects, in reading order::
 
     a scene with a small red cup , a large blue key and a medium green star .
@@ -11,10 +15,10 @@ no images; `generate` does both. Everything is deterministic from the seed (`num
 
 Co-occurrence
 -------------
-Kinds split into *triggers*, *partners* and *free* kinds. A scene first draws 1 to 3 distinct *primary* kinds
+Kinds split into *triggers*, *partners* and *free* kinds. A scene first draws 1 or 2 distinct *primary* kinds
 uniformly among triggers and free kinds. Then, for each pair below, the partner is present with probability
 ``P(partner | trigger)`` when its trigger is present, and with the base rate ``P(partner | no trigger)``
-otherwise. A model trained on the captions learns that the partner follows its trigger; in the scenes where the
+otherwise (partners of present triggers first; a scene keeps at most 4 kinds, one per cell). A model trained on the captions learns that the partner follows its trigger; in the scenes where the
 trigger appears alone (``1 - P(partner | trigger)`` of them) the partner is the object it is expected to
 hallucinate, and the POPE *adversarial* split asks about exactly that partner.
 
@@ -110,8 +114,8 @@ _BG_TONES: tuple[tuple[int, int, int], ...] = (
     (170, 130, 150),
     (110, 110, 110),
 )
-GRID = 3
-MAX_PRIMARIES = 3
+GRID = 2
+MAX_PRIMARIES = 2
 
 CAPTION_PREFIX: tuple[str, ...] = ("a", "scene", "with")
 CAPTION_WORDS: tuple[str, ...] = ("a", "scene", "with", "and", ",", ".")
@@ -147,7 +151,7 @@ so, like ``knive`` in the COCO table, the singularised forms are entries too."""
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """One object: `kind`, `colour` and `size` words and its grid `cell` (0..8, row-major).
+    """One object: `kind`, `colour` and `size` words and its grid `cell` (0..3, row-major).
 
     `cx`, `cy` are the centre in [0, 1] image coordinates and `radius` the half-extent as a fraction of the
     image side; rendering scales them to any image size.
@@ -197,10 +201,13 @@ def _sample_kinds(rng: np.random.Generator) -> list[str]:
     idx = rng.choice(len(PRIMARY_KINDS), size=n_primary, replace=False)
     kinds = [PRIMARY_KINDS[i] for i in sorted(idx)]
     draws = rng.random(len(PAIRS))  # always drawn, so the stream does not depend on the outcome
+    triggered, base = [], []
     for u, (trigger, (partner, p)) in zip(draws, PAIRS.items()):
-        if u < (p if trigger in kinds else PARTNER_BASE_RATE):
-            kinds.append(partner)
-    return kinds
+        if trigger in kinds:
+            triggered += [partner] if u < p else []
+        elif u < PARTNER_BASE_RATE:
+            base.append(partner)
+    return (kinds + triggered + base)[: GRID * GRID]  # one object per grid cell
 
 
 def _sample_scene(rng: np.random.Generator) -> Scene:
@@ -213,10 +220,9 @@ def _sample_scene(rng: np.random.Generator) -> Scene:
     for j, cell in zip(order, cells):
         colour = colours[int(rng.integers(len(colours)))]
         size = sizes[int(rng.integers(len(sizes)))]
-        jitter = rng.uniform(-0.08, 0.08, size=2)
         row, col = divmod(int(cell), GRID)
-        cx = (col + 0.5 + jitter[0]) / GRID
-        cy = (row + 0.5 + jitter[1]) / GRID
+        cx = (col + 0.5) / GRID
+        cy = (row + 0.5) / GRID
         objects.append(
             ObjectSpec(kinds[j], colour, size, int(cell), float(cx), float(cy), SIZES[size] / GRID)
         )
@@ -495,7 +501,8 @@ def cooccurrence(scenes: Sequence[Scene]) -> dict[str, Counter[str]]:
 POPE_SPLITS = ("random", "popular", "adversarial")
 
 
-def _question(kind: str) -> str:
+def pope_question(kind: str) -> str:
+    """The POPE question about `kind`: ``Is there a <kind> in the image?``."""
     return f"Is there a {kind} in the image?"
 
 
@@ -542,7 +549,7 @@ def pope_questions(
                     {
                         "question_id": len(out) + 1,
                         "image": image_name(i),
-                        "text": _question(kind),
+                        "text": pope_question(kind),
                         "label": label,
                     }
                 )
@@ -567,6 +574,7 @@ __all__ = [
     "generate",
     "gt_objects",
     "image_name",
+    "pope_question",
     "pope_questions",
     "render",
     "sample_scenes",
