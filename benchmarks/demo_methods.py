@@ -29,17 +29,22 @@ METHODS = ("greedy", "var", "vhr", "cca", "fastervlm", "vista")
 """``greedy`` is the unsteered model (greedy decoding, as every row)."""
 
 
-def run(task: str, method: str, num_images: int, out: Path) -> tuple[dict[str, Any], float]:
-    """One ``steer eval`` run; returns its metrics and wall seconds."""
+def run(task: str, method: str, num_images: int, out: Path) -> tuple[dict[str, Any] | None, float]:
+    """One ``steer eval`` run; returns its metrics (None when the run refused, e.g. VAR without sink
+    channels: the CLI has printed why) and wall seconds."""
     args = ["eval", task, "--model", "builtin:demo", "--num-images", str(num_images), "--out", str(out)]
     args += ["--no-progress"] + (["--method", method] if method != "greedy" else [])
     start = time.perf_counter()
-    typer.main.get_command(app).main(args, standalone_mode=False)
+    code = typer.main.get_command(app).main(args, standalone_mode=False)
     seconds = time.perf_counter() - start
+    if code not in (None, 0) or not (out / "metrics.json").is_file():
+        return None, seconds
     return json.loads((out / "metrics.json").read_text())["metrics"], seconds
 
 
-def row(method: str, chair: dict[str, Any], pope: dict[str, Any], seconds: float) -> str:
+def row(method: str, chair: dict[str, Any] | None, pope: dict[str, Any] | None, seconds: float) -> str:
+    if chair is None or pope is None:
+        return f"| `{method}` | " + " | ".join(["n/a"] * 9) + f" | {seconds:.0f} |"
     cells = [
         f"`{method}`" if method != "greedy" else "greedy (no method)",
         chair["CHAIRs"],
