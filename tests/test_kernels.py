@@ -328,3 +328,40 @@ def test_causal_flag_equals_explicit_causal_mask() -> None:
     torch.testing.assert_close(lse_c, lse_m, atol=1e-5, rtol=1e-5)
     out_math, _ = attention_with_lse(q, k, v, None, 0.3, causal=True, backend="math")
     torch.testing.assert_close(out_math, out_m, atol=1e-5, rtol=1e-5)
+
+
+def test_group_column_paths_and_dropped_mask_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group spread wide goes through an index, a span with a few foreign keys through a slice (the foreign
+    keys masked out by label), and when the caller's mask allows every key of a group for the edited rows it
+    is replaced by the row-broadcast label mask. All three agree with the eager reference."""
+    from steer.kernels import lse as lse_module
+
+    lk = 64
+    labels = torch.zeros(1, lk, dtype=torch.long)
+    labels[0, [2, 60]] = 1  # 57 foreign columns between them: index path
+    labels[0, 10:41] = 2
+    labels[0, 20] = 1  # one foreign column inside group 2's span: slice path
+    labels[0, 45:51] = 3
+    assert isinstance(lse_module._group_columns(labels, 1), torch.Tensor)
+    assert lse_module._group_columns(labels, 2) == slice(10, 41)
+    assert lse_module._group_columns(labels, 3) == slice(45, 51)
+
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, h, lk, D, generator=g) for h in (HQ, HKV, HKV))
+    mask = torch.ones(lk, lk, dtype=torch.bool).tril()[None, None]
+    rows = (torch.arange(lk) >= 41)[None].expand(2, lk)  # rows after group 2: they see all of it
+    group_masks: list[tuple[int, ...]] = []
+    real = lse_module.attention_with_lse
+
+    def spy(q_, k_, v_, m_, *args, **kwargs):
+        if k_.shape[2] < lk:  # a group pass
+            group_masks.append(tuple(m_.shape) if m_ is not None else ())
+        return real(q_, k_, v_, m_, *args, **kwargs)
+
+    monkeypatch.setattr(lse_module, "attention_with_lse", spy)
+    for sel in (rows, None):
+        ref = group_reweight_reference(q, k, v, mask, 0.3, labels, coeffs_background, rows=sel, num_groups=3)
+        fused = group_reweight(q, k, v, mask, 0.3, labels, coeffs_background, rows=sel, num_groups=3)
+        torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    # with the late rows only, group 2's causal mask is all-True on its columns and was dropped
+    assert (2, 1, 1, 31) in group_masks
