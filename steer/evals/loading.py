@@ -185,7 +185,8 @@ def load_model(
     quantization = quantization_config(load_in_4bit, load_in_8bit, dtype)
     device_map = _default_device_map(device_map)
     requested = model
-    if builtin.is_builtin(model):
+    demo = builtin.is_builtin(model)
+    if demo:
         model = builtin.resolve_model(model)
     path = Path(model).expanduser()
     local = path.is_dir()
@@ -197,7 +198,6 @@ def load_model(
         raise EvalInputError(f"--model {model}: the folder has no config.json")
     model_type = str(_read_config(path).get("model_type", "")) if local else ""
 
-    demo = requested != model
     if local and (demo or is_zoo_folder(path)) and quantization is None:
         from steer import zoo
 
