@@ -71,6 +71,29 @@ def test_images_required_without_builtin(tmp_path: Path) -> None:
 
 
 @needs_weights
+def test_own_files_with_the_demo_model_leave_the_split_unwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model builtin:demo`` with the user's images, ground truth and synonyms never writes the split."""
+    own = builtin.materialize(tmp_path / "own", n_images=3)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the built-in split was written although every file was given")
+
+    monkeypatch.setattr(builtin, "split", refuse)
+    out = tmp_path / "run"
+    result = invoke(
+        "chair", "--model", "builtin:demo", "--images", own.images, "--gt-objects", own.gt_objects,
+        "--synonyms", own.synonyms, "--out", out, "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3
+    # without --gt-objects the split's ground truth is the default, so the split is asked for
+    result = invoke("chair", "--model", "builtin:demo", "--images", own.images, "--out", tmp_path / "r2")
+    assert result.exit_code != 0 and "the built-in split was written" in str(result.exception)
+
+
+@needs_weights
 def test_demo_weights_load_with_from_pretrained() -> None:
     from transformers import LlavaForConditionalGeneration
 
@@ -94,19 +117,16 @@ def pope_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_pope_runs_with_no_other_argument(pope_run: Path) -> None:
     metrics = json.loads((pope_run / "metrics.json").read_text())["metrics"]
     assert set(f"Accuracy ({s})" for s in pope.SPLITS) <= set(metrics)
-    # answers are "<kind> yes|no" (the demo model's format, read by POPE's official parser)
+    # answers are "<asked kind> yes" or "no" (the demo model's format, read by POPE's official parser)
     records = [json.loads(line) for line in (pope_run / "samples.jsonl").read_text().splitlines()]
-    assert all(r["answer"].split()[-1] in ("yes", "no") and len(r["answer"].split()) == 2 for r in records)
+    asked = [r["text"].split()[3] for r in records]  # "Is there a <kind> in the image?"
+    assert all(r["answer"] in (f"{kind} yes", "no") for r, kind in zip(records, asked)), records[:4]
+    assert {r["answer"] == "no" for r in records} == {True, False}
     settings = json.loads((pope_run / "settings.json").read_text())
     assert settings["resolved"]["template"] == "plain" and settings["resolved"]["source"] == "builtin"
 
 
 @needs_weights
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 must-hold not met yet: the shipped demo model answers POPE near chance (it captions well "
-    "but never learned the yes/no decision; see steer/zoo/demo/README.md)",
-)
 def test_demo_pope_far_above_chance(pope_run: Path) -> None:
     """Issue 8 must-hold: POPE accuracy on the built-in split >= 80% (a short run: 40 images, 3 splits)."""
     metrics = json.loads((pope_run / "metrics.json").read_text())["metrics"]

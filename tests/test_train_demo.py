@@ -118,9 +118,45 @@ def test_batch_rows_are_captions_or_truthful_questions():
         if draws[r, 0] < 0.5:
             kind = prompt.split()[5]  # "user : is there a <kind> in the image ? ..."
             answer = "yes" if kind in data.scenes[r].kinds else "no"
-            assert target == f"{kind} {answer} </s>" and "answer the question" in prompt
+            expected = f"{kind} yes </s>" if answer == "yes" else "no </s>"
+            assert target == expected and "answer the question" in prompt
             kinds_seen[answer] += 1
         else:
             assert target == data.scenes[r].caption + " </s>" and "describe this image" in prompt
             kinds_seen["caption"] += 1
     assert all(kinds_seen.values()), kinds_seen
+
+
+def test_no_questions_ask_about_the_absent_partner_at_the_given_share():
+    """A no-question asks about the absent partner of a present trigger when ``which < partner_share``
+    (POPE's adversarial case), otherwise about any absent kind; yes-questions are unaffected."""
+    processor = demo_model.build_processor()
+    data = train_demo.SceneData(processor, seed=0, n_scenes=300)
+    tok = processor.tokenizer
+
+    def asked(i: int, pick: float, which: float, share: float) -> tuple[str, str]:
+        prompt, target = data.question(i, pick, which, share)
+        return tok.decode(prompt, skip_special_tokens=True).split()[5], tok.decode(target)
+
+    # a scene with a cup but no key, and no other trigger: the only adversarial kind is "key"
+    lone = next(
+        i for i, s in enumerate(data.scenes) if s.kinds & set(synthscenes.PAIRS) == {"cup"} and "key" not in s.kinds
+    )
+    assert asked(lone, 0.9, 0.3, 0.5) == ("key", "no </s>")
+    assert asked(lone, 0.9, 0.49, 0.5) == ("key", "no </s>")
+    # which >= share: uniform over the 20 - |kinds| absent kinds, "which" picks by position
+    absent = [k for k in synthscenes.KINDS if k not in data.scenes[lone].kinds]
+    assert asked(lone, 0.9, 0.75, 0.5) == (absent[int(0.75 * len(absent))], "no </s>")
+    assert asked(lone, 0.9, 0.3, 0.0) == (absent[int(0.3 * len(absent))], "no </s>")
+    # yes-questions ignore the share
+    present = [k for k in synthscenes.KINDS if k in data.scenes[lone].kinds]
+    assert asked(lone, 0.1, 0.0, 1.0) == (present[0], f"{present[0]} yes </s>")
+    # a scene whose triggers all have their partner falls back to the uniform draw
+    paired = next(
+        i
+        for i, s in enumerate(data.scenes)
+        if s.kinds & set(synthscenes.PAIRS)
+        and all(synthscenes.PAIRS[t][0] in s.kinds for t in s.kinds & set(synthscenes.PAIRS))
+    )
+    absent = [k for k in synthscenes.KINDS if k not in data.scenes[paired].kinds]
+    assert asked(paired, 0.9, 0.2, 1.0) == (absent[int(0.2 * len(absent))], "no </s>")

@@ -8,6 +8,7 @@ alongside). Per-item records go to ``--out`` or next to the input (``<stem>.chai
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -424,13 +425,16 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _resolve_defaults(task_name: str, common: dict[str, Any]) -> Any:
+def _resolve_defaults(task_name: str, common: dict[str, Any]) -> Callable[[], Any] | None:
     """Fill the options left unset (``None``); with ``--model builtin:demo`` from the built-in benchmark
     (its images, batch 16, short generations, the ``plain`` template the demo model was trained on).
-    Returns the built-in split (or ``None``)."""
+
+    Returns ``None`` for other models, else a function giving the built-in split; the split is written to
+    the zoo cache on its first call only, so a run whose own files replace all of the split's never writes it.
+    """
     from steer.evals import builtin
 
-    bench = builtin.split() if builtin.is_builtin(common["model"]) else None
+    bench = functools.cache(builtin.split) if builtin.is_builtin(common["model"]) else None
     for name, (coco, demo) in _DEFAULTS[task_name].items():
         if common[name] is None:
             common[name] = demo if bench is not None else coco
@@ -440,7 +444,7 @@ def _resolve_defaults(task_name: str, common: dict[str, Any]) -> Any:
                 f"--images is required (the COCO val2014 folder); or run the built-in benchmark: "
                 f"steer eval {task_name} --model {builtin.BUILTIN_DEMO}"
             )
-        common["images"] = bench.images
+        common["images"] = bench().images
     if bench is not None and common["template"] == "auto":
         common["template"] = "plain"
     return bench
@@ -454,8 +458,8 @@ def _default_out(settings: Any) -> Path:
 
 
 def _run_eval(task_name: str, build: Callable[[Any], Any], common: dict[str, Any], extra_prompt: str) -> None:
-    """Shared body of ``steer eval chair`` and ``steer eval pope``; ``build(builtin split or None)`` makes the
-    task once the defaults are resolved."""
+    """Shared body of ``steer eval chair`` and ``steer eval pope``; ``build(bench)`` makes the task once the
+    defaults are resolved (``bench``: ``None``, or a function giving the built-in split, see `_resolve_defaults`)."""
     from steer.evals import report, runner
     from steer.evals.loading import DTYPES, quantization_config, resolve_model_name
 
@@ -682,11 +686,11 @@ def eval_chair(
             common["images"],
             num_images=num_images,
             image_ids=image_ids,
-            gt_objects=gt_objects or (bench.gt_objects if bench is not None else None),
+            gt_objects=gt_objects or (bench().gt_objects if bench is not None else None),
             prompt=prompt,
             lineage=lineage,
             truncate_incomplete=truncate_incomplete,
-            synonyms=synonyms or (bench.synonyms if bench is not None else None),
+            synonyms=synonyms or (bench().synonyms if bench is not None else None),
         )
 
     _run_eval("chair", build, common, prompt)
@@ -761,7 +765,7 @@ def eval_pope(
         return runner.pope_task(
             common["images"],
             splits=splits,
-            question_files={s: bench.pope_questions(s) for s in pope.SPLITS} if own else None,
+            question_files={s: bench().pope_questions(s) for s in pope.SPLITS} if own else None,
             questions=questions,
             questions_dir=questions_dir,
             version=pope_version,

@@ -60,14 +60,17 @@ def question_prompt(kind: str) -> str:
 
 
 def answer(kind: str, present: bool) -> str:
-    """The demo model's answer to `question_prompt(kind)`: the kind, then ``yes`` or ``no`` (``cup yes``).
+    """The demo model's answer to `question_prompt(kind)`: ``<kind> yes`` when present, ``no`` when absent.
 
-    Naming the kind first is what makes the question learnable by a model this small: the yes/no token is
-    then predicted at a position whose own token is the asked kind, so deciding is one step (is this kind in
-    the image?) instead of two (which kind was asked, then is it there?), and training leaves the chance
-    plateau. POPE's official parser reads ``cup yes`` as yes and ``cup no`` as no.
+    The decision is taken at the first answer token, as a choice between the asked kind's own word and
+    ``no``. That makes it additive, which a model this small learns within minutes: the kind's logit gets
+    one push from the question (copying the asked word) and one from the image (the captioning circuit that
+    already says which kinds are there), and only both together beat ``no``. A fixed ``yes``/``no`` token
+    after the question would need the product "asked kind x kind present", which has no first-order
+    gradient from a random start: training sat at ln 2 for it (measured, see the model card). POPE's
+    official parser reads ``cup yes`` as yes and ``no`` as no.
     """
-    return f"{kind} {'yes' if present else 'no'}"
+    return f"{kind} yes" if present else "no"
 
 
 CAPTION_PROMPT = caption_prompt()

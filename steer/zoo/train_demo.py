@@ -5,8 +5,9 @@ Everything derives from ``--seed``: the model's initial weights, the training sc
 on CPU with one thread and `torch.use_deterministic_algorithms(True)`, so the same seed gives the same loss
 curve. An example is a scene's caption (prompt `demo_model.caption_prompt()`) or, with probability
 ``qa_fraction``, a yes/no question about a present or an absent kind (prompt `demo_model.question_prompt`,
-answer ``<kind> yes``/``<kind> no``), each target followed by ``</s>``; the loss is only on the target (prompt and padding
-are labelled -100) and averaged per example (`row_mean_loss`). Before that, the vision tower alone learns
+answer ``<kind> yes`` / ``no``, see `demo_model.answer`; ``partner_questions`` of the no-questions ask about
+the absent partner of a present trigger, POPE's adversarial case), each target followed by ``</s>``; the loss
+is only on the target (prompt and padding are labelled -100) and averaged per example (`row_mean_loss`). Before that, the vision tower alone learns
 which kinds a scene holds (`pretrain_vision`), and is then trained on at a tenth of the learning rate, as
 LLaVA starts from a pretrained CLIP tower. The loss of every step is written to ``DIR/train_log.json``; the model and processor are
 saved with `save_pretrained` (safetensors) at the end.
@@ -34,7 +35,7 @@ from . import demo_model, synthscenes
 class TrainConfig:
     """Hyper-parameters of a training run (all recorded in the log)."""
 
-    steps: int = 2000
+    steps: int = 2500
     seed: int = 0
     batch_size: int = 32
     lr: float = 2e-3
@@ -43,10 +44,11 @@ class TrainConfig:
     n_scenes: int = 4000
     grad_clip: float = 1.0
     qa_fraction: float = 0.5
-    vision_steps: int = 600
+    vision_steps: int = 1200
     vision_batch_size: int = 64
     vision_lr: float = 1e-3
     vision_lr_scale: float = 0.1
+    partner_questions: float = 0.5
 
 
 @contextmanager
@@ -68,7 +70,7 @@ class SceneData:
     """Training examples from `synthscenes`: pixel tensors rendered lazily (and kept), token ids.
 
     An example is either a caption (prompt `demo_model.CAPTION_PROMPT`, target the scene's caption) or a
-    yes/no question (prompt `question_prompt`, target ``yes``/``no``), each followed by ``</s>``.
+    yes/no question (prompt `question_prompt`, target `demo_model.answer`), each followed by ``</s>``.
     """
 
     def __init__(self, processor: Any, seed: int, n_scenes: int) -> None:
@@ -96,35 +98,52 @@ class SceneData:
             self._pixels[i] = self.processor.image_processor(image, return_tensors="pt").pixel_values[0]
         return self._pixels[i]
 
-    def question(self, i: int, pick: float, which: float) -> tuple[list[int], list[int]]:
+    def question(
+        self, i: int, pick: float, which: float, partner_share: float = 0.0
+    ) -> tuple[list[int], list[int]]:
         """``(prompt ids, target ids)`` of a yes/no question about scene `i`: a present kind when
         ``pick < 0.5`` (answer yes), else an absent one (answer no), chosen uniformly by ``which`` in [0, 1).
 
-        The target names the kind, then answers: ``cup yes </s>`` / ``cup no </s>`` (see `demo_model.answer`)."""
+        With ``which < partner_share`` a no-question asks instead about the absent partner of a trigger the
+        scene holds (POPE's adversarial case), when there is one. The target is `demo_model.answer`:
+        ``cup yes </s>`` / ``no </s>``."""
         kinds = self.scenes[i].kinds
-        pool, answer = (
-            ([k for k in synthscenes.KINDS if k in kinds], "yes")
-            if pick < 0.5
-            else ([k for k in synthscenes.KINDS if k not in kinds], "no")
-        )
+        if pick < 0.5:
+            pool, present = [k for k in synthscenes.KINDS if k in kinds], True
+        else:
+            present = False
+            partners = [
+                partner
+                for trigger, (partner, _) in synthscenes.PAIRS.items()
+                if trigger in kinds and partner not in kinds
+            ]
+            if partners and which < partner_share:
+                pool, which = partners, which / partner_share
+            else:
+                pool = [k for k in synthscenes.KINDS if k not in kinds]
         kind = pool[min(int(which * len(pool)), len(pool) - 1)]
-        target = self._tok(demo_model.answer(kind, answer == "yes"), add_special_tokens=False).input_ids
+        target = self._tok(demo_model.answer(kind, present), add_special_tokens=False).input_ids
         return self.question_prompts[kind], target + [self._tok.eos_token_id]
 
     def batch(
-        self, indices: list[int], draws: torch.Tensor | None = None, qa_fraction: float = 0.0
+        self,
+        indices: list[int],
+        draws: torch.Tensor | None = None,
+        qa_fraction: float = 0.0,
+        partner_share: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """Right-padded batch: ``input_ids``, ``attention_mask``, ``pixel_values`` and ``labels``.
 
         `draws` (``len(indices) x 3`` uniforms) decide per row caption vs. question (first column below
-        `qa_fraction` -> question), yes vs. no and which kind; without them every row is a caption.
+        `qa_fraction` -> question), yes vs. no and which kind (`question`, with `partner_share`); without them
+        every row is a caption.
         """
         pad = self._tok.pad_token_id
         pairs = []
         for r, i in enumerate(indices):
             u = draws[r].tolist() if draws is not None else [1.0, 0.0, 0.0]
             if u[0] < qa_fraction:
-                pairs.append(self.question(i, u[1], u[2]))
+                pairs.append(self.question(i, u[1], u[2], partner_share))
             else:
                 pairs.append((self.caption_prompt, self.caption_ids[i]))
         rows = [prompt + target for prompt, target in pairs]
@@ -244,7 +263,7 @@ def train(
             if pos + cfg.batch_size > len(order):
                 order, pos = torch.randperm(cfg.n_scenes, generator=gen).tolist(), 0
             draws = torch.rand(cfg.batch_size, 3, generator=gen)
-            batch = data.batch(order[pos : pos + cfg.batch_size], draws, cfg.qa_fraction)
+            batch = data.batch(order[pos : pos + cfg.batch_size], draws, cfg.qa_fraction, cfg.partner_questions)
             pos += cfg.batch_size
             labels = batch.pop("labels")
             loss = row_mean_loss(model(**batch).logits, labels)
