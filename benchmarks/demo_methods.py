@@ -9,7 +9,7 @@ and prints one markdown row per method: CHAIR_s, CHAIR_i, Recall, caption length
 POPE accuracy (mean), plus the wall time of both runs. Runs resume (same ``--out``): a second invocation only
 rescores. The demo model is steer-demo-llava (``steer/zoo/demo/``), the split the built-in SynthScenes one.
 
-    python benchmarks/demo_methods.py                          # all methods, 500 images (about 10 minutes)
+    python benchmarks/demo_methods.py                          # all methods, 500 images (about 4 minutes on 2 cores)
     python benchmarks/demo_methods.py --num-images 100 --methods greedy,vhr
 """
 

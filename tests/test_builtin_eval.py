@@ -117,11 +117,14 @@ def pope_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_pope_runs_with_no_other_argument(pope_run: Path) -> None:
     metrics = json.loads((pope_run / "metrics.json").read_text())["metrics"]
     assert set(f"Accuracy ({s})" for s in pope.SPLITS) <= set(metrics)
-    # answers are "<asked kind> yes" or "no" (the demo model's format, read by POPE's official parser)
+    # answers are "<kind> yes" or "no" (the demo model's format, read by POPE's official parser); the kind is
+    # nearly always the asked one (the model card reports 1.8% naming another kind on the whole split)
     records = [json.loads(line) for line in (pope_run / "samples.jsonl").read_text().splitlines()]
-    asked = [r["text"].split()[3] for r in records]  # "Is there a <kind> in the image?"
-    assert all(r["answer"] in (f"{kind} yes", "no") for r, kind in zip(records, asked)), records[:4]
-    assert {r["answer"] == "no" for r in records} == {True, False}
+    yes_kinds = [r["answer"].split()[0] for r in records if r["answer"] != "no"]
+    assert all(r["answer"] == "no" or r["answer"].split()[1:] == ["yes"] for r in records), records[:4]
+    assert set(yes_kinds) <= set(synthscenes.KINDS) and 0 < len(yes_kinds) < len(records)
+    asked = [r["text"].split()[3] for r in records if r["answer"] != "no"]  # "Is there a <kind> in the image?"
+    assert sum(k == a for k, a in zip(yes_kinds, asked)) >= 0.9 * len(yes_kinds)
     settings = json.loads((pope_run / "settings.json").read_text())
     assert settings["resolved"]["template"] == "plain" and settings["resolved"]["source"] == "builtin"
 

@@ -144,9 +144,11 @@ def test_no_questions_ask_about_the_absent_partner_at_the_given_share():
     )
     assert asked(lone, 0.9, 0.3, 0.5) == ("key", "no </s>")
     assert asked(lone, 0.9, 0.49, 0.5) == ("key", "no </s>")
-    # which >= share: uniform over the 20 - |kinds| absent kinds, "which" picks by position
+    # which >= share: uniform over the 20 - |kinds| absent kinds, which rescaled from [share, 1) to [0, 1)
     absent = [k for k in synthscenes.KINDS if k not in data.scenes[lone].kinds]
-    assert asked(lone, 0.9, 0.75, 0.5) == (absent[int(0.75 * len(absent))], "no </s>")
+    assert asked(lone, 0.9, 0.75, 0.5) == (absent[int(0.5 * len(absent))], "no </s>")
+    assert asked(lone, 0.9, 0.5, 0.5) == (absent[0], "no </s>")
+    assert asked(lone, 0.9, 0.999, 0.5) == (absent[-1], "no </s>")
     assert asked(lone, 0.9, 0.3, 0.0) == (absent[int(0.3 * len(absent))], "no </s>")
     # yes-questions ignore the share
     present = [k for k in synthscenes.KINDS if k in data.scenes[lone].kinds]

@@ -104,8 +104,9 @@ class SceneData:
         """``(prompt ids, target ids)`` of a yes/no question about scene `i`: a present kind when
         ``pick < 0.5`` (answer yes), else an absent one (answer no), chosen uniformly by ``which`` in [0, 1).
 
-        With ``which < partner_share`` a no-question asks instead about the absent partner of a trigger the
-        scene holds (POPE's adversarial case), when there is one. The target is `demo_model.answer`:
+        When the scene holds a trigger without its partner, a no-question asks about that partner (POPE's
+        adversarial case) if ``which < partner_share``, else about any absent kind, ``which`` being rescaled to
+        [0, 1) for either choice. The target is `demo_model.answer`:
         ``cup yes </s>`` / ``no </s>``."""
         kinds = self.scenes[i].kinds
         if pick < 0.5:
@@ -121,6 +122,8 @@ class SceneData:
                 pool, which = partners, which / partner_share
             else:
                 pool = [k for k in synthscenes.KINDS if k not in kinds]
+                if partners:  # which is in [partner_share, 1): stretch it back to [0, 1)
+                    which = (which - partner_share) / (1.0 - partner_share)
         kind = pool[min(int(which * len(pool)), len(pool) - 1)]
         target = self._tok(demo_model.answer(kind, present), add_special_tokens=False).input_ids
         return self.question_prompts[kind], target + [self._tok.eos_token_id]
