@@ -63,6 +63,14 @@ def test_builtin_names() -> None:
     assert builtin.resolve_model("some/model") == "some/model"
 
 
+def test_missing_demo_weights_say_how_to_get_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo_model, "weights_dir", lambda: tmp_path)
+    with pytest.raises(FileNotFoundError, match="python -m steer.zoo.train_demo --out"):
+        demo_model.load_demo()
+    with pytest.raises(EvalInputError, match=f"missing from {tmp_path}"):
+        builtin.resolve_model("builtin:demo")
+
+
 def test_images_required_without_builtin(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     result = invoke("chair", "--model", tmp_path / "m", "--out", tmp_path / "run")

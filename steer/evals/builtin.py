@@ -68,13 +68,10 @@ def resolve_model(model: str) -> str:
         return model
     from steer.zoo import demo_model
 
-    path = demo_model.weights_dir()
-    if not (path / "model.safetensors").is_file():
-        raise EvalInputError(
-            f"the demo model's weights are missing from {path}; reinstall steer or train them: "
-            f"python -m steer.zoo.train_demo --out {path}"
-        )
-    return str(path)
+    try:
+        return str(demo_model.shipped_weights())
+    except FileNotFoundError as exc:
+        raise EvalInputError(str(exc)) from None
 
 
 class BuiltinSplit:

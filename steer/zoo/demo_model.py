@@ -211,15 +211,20 @@ def weights_dir() -> Path:
     return Path(__file__).resolve().parent / "demo"
 
 
-def load_demo(attn_implementation: str = "sdpa", **kwargs: Any) -> tuple[PreTrainedModel, Any]:
-    """The trained steer-demo-llava shipped with steer, loaded with `from_pretrained` from `weights_dir`."""
+def shipped_weights() -> Path:
+    """`weights_dir`, checked to hold the trained weights; `FileNotFoundError` saying how to train them if not."""
     path = weights_dir()
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(
-            f"the demo model's weights are missing from {path}; train them with "
+            f"the demo model's weights are missing from {path}; reinstall steer or train them: "
             f"python -m steer.zoo.train_demo --out {path}"
         )
-    return load(path, attn_implementation=attn_implementation, **kwargs)
+    return path
+
+
+def load_demo(attn_implementation: str = "sdpa", **kwargs: Any) -> tuple[PreTrainedModel, Any]:
+    """The trained steer-demo-llava shipped with steer, loaded with `from_pretrained` from `weights_dir`."""
+    return load(shipped_weights(), attn_implementation=attn_implementation, **kwargs)
 
 
 def caption_inputs(processor: LlavaProcessor, images: list[Any]) -> Any:
@@ -243,6 +248,7 @@ __all__ = [
     "load_demo",
     "question_prompt",
     "save",
+    "shipped_weights",
     "vocabulary",
     "weights_dir",
 ]

@@ -7,10 +7,11 @@ curve. An example is a scene's caption (prompt `demo_model.caption_prompt()`) or
 ``qa_fraction``, a yes/no question about a present or an absent kind (prompt `demo_model.question_prompt`,
 answer ``<kind> yes`` / ``no``, see `demo_model.answer`; ``partner_questions`` of the no-questions ask about
 the absent partner of a present trigger, POPE's adversarial case), each target followed by ``</s>``; the loss
-is only on the target (prompt and padding are labelled -100) and averaged per example (`row_mean_loss`). Before that, the vision tower alone learns
-which kinds a scene holds (`pretrain_vision`), and is then trained on at a tenth of the learning rate, as
-LLaVA starts from a pretrained CLIP tower. The loss of every step is written to ``DIR/train_log.json``; the model and processor are
-saved with `save_pretrained` (safetensors) at the end.
+is only on the target (prompt and padding are labelled -100) and averaged per example (`row_mean_loss`).
+Before that, the vision tower alone learns which kinds a scene holds (`pretrain_vision`), and is then trained
+on at a tenth of the learning rate, as LLaVA starts from a pretrained CLIP tower. The loss of every step is
+written to ``DIR/train_log.json``; the model and processor are saved with `save_pretrained` (safetensors) at
+the end.
 """
 
 from __future__ import annotations
