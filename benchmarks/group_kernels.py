@@ -282,22 +282,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(HEADER)
     results = []
     for phase, prompt, q_len in cases:
-        c = make_case(prompt, q_len, args.heads, kv_heads, args.head_dim, dtype, device)
-        row = measure(c, phase, prompt, q_len, args.repeats, ref_max)
-        row.update(
+        shape = dict(
             device=device, dtype=str(dtype)[6:], heads=args.heads, kv_heads=kv_heads, head_dim=args.head_dim
         )
+        try:
+            c = make_case(prompt, q_len, args.heads, kv_heads, args.head_dim, dtype, device)
+            row = measure(c, phase, prompt, q_len, args.repeats, ref_max)
+            del c
+        except Exception as exc:  # one failing case (out of memory, say) must not lose the others
+            row = {"case": f"{phase} {prompt}", "phase": phase, "prompt": prompt, "error": repr(exc)[:500]}
+            print(f"{row['case']:<16}FAILED: {row['error']}", flush=True)
+        else:
+            print_row(row)
+        row.update(shape)
         results.append(row)
-        print_row(row)
-        del c
+        if args.json:  # row by row: a run stopped at its time limit keeps what it measured
+            with args.json.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
         if device == "cuda":
             torch.cuda.empty_cache()
-    if args.json:
-        with args.json.open("a") as fh:
-            for row in results:
-                fh.write(json.dumps(row) + "\n")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("error" in row for row in main()) else 0)

@@ -46,3 +46,12 @@ def hook_count(model: torch.nn.Module) -> int:
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(getattr(m, "_forward_hooks_with_kwargs", {}))
         for m in model.modules()
     )
+
+
+def with_cache(model: Any, previous: Any) -> dict[str, Any]:
+    """The keyword that hands ``previous``'s KV cache back to ``model``: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before (the output attribute was renamed with it)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: getattr(previous, name)}

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import generate, logits
+from helpers import generate, logits, with_cache
 
 import steer
 from steer import zoo
@@ -443,7 +443,7 @@ def test_qwen_decode_positions_follow_rope_deltas(mrope: str) -> None:
         tokens, scores = greedy(model, inputs, 2)
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
-            step = model(input_ids=tokens[:, :1], cache=out.cache, use_cache=True)
+            step = model(input_ids=tokens[:, :1], **with_cache(model, out), use_cache=True)
     assert close(out.logits[:, -1], scores[:, 0], 1e-5)
     assert close(step.logits[:, -1], scores[:, 1], 1e-5)
 
@@ -544,7 +544,10 @@ def test_chunked_prefill_with_image_tokens_is_refused() -> None:
         first = model(input_ids=ids[:, :s], use_cache=True)  # text-only first chunk
         with pytest.raises(CCALayoutError, match="chunked prefill"):
             model(
-                input_ids=ids[:, s:], pixel_values=inputs["pixel_values"], cache=first.cache, use_cache=True
+                input_ids=ids[:, s:],
+                pixel_values=inputs["pixel_values"],
+                use_cache=True,
+                **with_cache(model, first),
             )
 
 

@@ -12,7 +12,7 @@ from helpers import batch_inputs, generate, hook_count, logits, row_inputs
 
 import steer
 from steer import zoo
-from steer.errors import InvalidParameterError
+from steer.errors import InvalidParameterError, UnsupportedModelError
 from steer.hooks.manager import Runtime
 from steer.methods.fastervlm import (
     FasterVLMError,
@@ -459,6 +459,20 @@ def test_errors() -> None:
     with steer.apply(model, "fastervlm"):
         with pytest.raises(FasterVLMError, match="do not match"):
             generate(model, inputs)
+
+
+def test_transformers_without_mm_encoder_outputs_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before transformers 5.18 the models took no precomputed image features; FasterVLM says so at apply."""
+    model, _ = tiny("llava")
+    inner = type(model.model)
+
+    def old_forward(self: Any, input_ids: Any = None, pixel_values: Any = None, **kwargs: Any) -> Any:
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(inner, "forward", old_forward)
+    with pytest.raises(UnsupportedModelError, match=r"transformers>=5\.18"):
+        steer.apply(model, "fastervlm")
+    assert Runtime.of(model) is None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from steer.edits import Edit, EditContext, InputEdit, MethodWrap, ModuleHook
-from steer.errors import InvalidParameterError, MissingImageTokensError, SteerError
+from steer.errors import InvalidParameterError, MissingImageTokensError, SteerError, UnsupportedModelError
 from steer.registry import Method, param, register
 
 __all__ = [
@@ -329,6 +329,14 @@ class FasterVLM(Method):
 
     def check(self) -> None:
         p = self.params
+        if "mm_encoder_outputs" not in inspect.signature(self.adapter.model.model.forward).parameters:
+            import transformers
+
+            raise UnsupportedModelError(
+                f"fastervlm hands the kept image features to the model as `mm_encoder_outputs`, which "
+                f"{type(self.adapter.model.model).__name__}.forward does not take in transformers "
+                f"{transformers.__version__}; it does from 5.18 on: pip install -U 'transformers>=5.18'"
+            )
         if not 0.0 <= p.reduction < 1.0:
             raise InvalidParameterError(f"fastervlm: reduction={p.reduction} must be in [0, 1)")
         n_layers = len(self.adapter.vision_layers)
