@@ -95,3 +95,25 @@ def test_unedited_layers_call_the_models_own_backend() -> None:
     assert torch.allclose(steered, expected, atol=1e-6)
     assert model.config.text_config._attn_implementation == "spy_sdpa"
     assert torch.equal(logits(model, inputs), plain)
+
+
+def test_flex_attention_model_prefill_matches_sdpa() -> None:
+    """A model on transformers' compiled flex_attention backend (Inductor builds it for the CPU, ~25 s cold):
+    its mask arrives as a BlockMask, and the steered logits equal the steered SDPA model's; ``remove()``
+    restores the flex model's own output exactly. (Generation is not checked: torch 2.13's Inductor fails to
+    build flex attention's CPU decode kernel even without steer.)"""
+    model, processor = zoo.load_tiny("llava", attn_implementation="flex_attention")
+    reference, _ = zoo.load_tiny("llava", attn_implementation="sdpa")
+    inputs = batch_inputs(processor, "llava")
+    real = inputs["attention_mask"].bool()
+    plain = logits(model, inputs)
+    assert torch.allclose(plain[real], logits(reference, inputs)[real], atol=1e-5)
+    with steer.apply(model, "image_attention", scale=2.0):
+        assert model.config.text_config._attn_implementation == "steer"
+        steered = logits(model, inputs)
+    with steer.apply(reference, "image_attention", scale=2.0):
+        expected = logits(reference, inputs)
+    assert (steered - plain)[real].abs().max() > 1e-3
+    assert torch.allclose(steered[real], expected[real], atol=1e-5)
+    assert model.config.text_config._attn_implementation == "flex_attention"
+    assert torch.equal(logits(model, inputs), plain)
