@@ -275,7 +275,7 @@ def parse_synonyms(text: str) -> Vocabulary:
 
 
 def _package_file(name: str) -> bytes:
-    return importlib.resources.files("steer.evals").joinpath(_DATA, name).read_bytes()
+    return importlib.resources.files("steer.evals").joinpath(_DATA).joinpath(name).read_bytes()
 
 
 @lru_cache(maxsize=8)
@@ -308,7 +308,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 @lru_cache(maxsize=1)
 def _word_tokenizer() -> Callable[[str], list[str]]:
-    from nltk.tokenize import NLTKWordTokenizer  # type: ignore[import-untyped]
+    from nltk.tokenize import NLTKWordTokenizer
 
     return NLTKWordTokenizer().tokenize
 
@@ -338,7 +338,7 @@ def _merge(tokens: Sequence[str]) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _opera_lemmatizer() -> Callable[[list[str]], list[str]]:
-    import nltk  # type: ignore[import-untyped]
+    import nltk
 
     resources = {
         "averaged_perceptron_tagger_eng": "taggers/averaged_perceptron_tagger_eng",
@@ -352,7 +352,7 @@ def _opera_lemmatizer() -> Callable[[list[str]], list[str]]:
                 f"lineage='opera' needs the NLTK data package {name!r}, which was not found "
                 f"(install it with nltk.download({name!r}) where possible, or use lineage='original')"
             ) from None
-    from nltk.stem import WordNetLemmatizer  # type: ignore[import-untyped]
+    from nltk.stem import WordNetLemmatizer
 
     lemmatizer = WordNetLemmatizer()
     prefix_to_pos = {"J": "a", "V": "v", "N": "n", "R": "r"}
