@@ -9,7 +9,7 @@ The decoder stack comes from the adapter, never from "the longest ModuleList" (t
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -32,31 +32,31 @@ class Adapter:
 
     @property
     def text_config(self) -> Any:
-        return self.model.config.text_config
+        return cast(Any, self.model).config.text_config
 
     @property
     def text_model(self) -> nn.Module:
         """The decoder (``...language_model``) whose forward takes embeddings, mask and position ids."""
-        return self.model.model.language_model
+        return cast(Any, self.model).model.language_model
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        return self.text_model.layers
+        return cast(nn.ModuleList, self.text_model.layers)
 
     def attention(self, layer: int) -> nn.Module:
-        return self.decoder_layers[layer].self_attn
+        return cast(nn.Module, self.decoder_layers[layer].self_attn)
 
     @property
     def final_norm(self) -> nn.Module:
-        return self.text_model.norm
+        return cast(nn.Module, self.text_model.norm)
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.model.lm_head
+        return cast(nn.Module, self.model.lm_head)
 
     @property
     def embed_tokens(self) -> nn.Module:
-        return self.model.get_input_embeddings()
+        return cast(Any, self.model).get_input_embeddings()
 
     @property
     def num_layers(self) -> int:
@@ -141,20 +141,20 @@ class Adapter:
     # ---- vision side ----------------------------------------------------------------------------
     @property
     def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
+        return cast(Any, self.model).model.vision_tower
 
     @property
     def vision_layers(self) -> nn.ModuleList:
         tower = self.vision_tower
-        encoder = getattr(tower, "encoder", None) or tower.vision_model.encoder
+        encoder = getattr(tower, "encoder", None) or cast(Any, tower).vision_model.encoder
         return encoder.layers
 
     def vision_attention(self, layer: int) -> nn.Module:
-        return self.vision_layers[layer].self_attn
+        return cast(nn.Module, self.vision_layers[layer].self_attn)
 
     @property
     def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
+        return cast(Any, self.model).model.multi_modal_projector
 
     @property
     def feature_layer(self) -> int:

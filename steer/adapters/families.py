@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -66,18 +66,18 @@ class Qwen2VLAdapter(Adapter):
 
     @property
     def vision_tower(self) -> nn.Module:
-        return self.model.model.visual
+        return cast(Any, self.model).model.visual
 
     @property
     def vision_layers(self) -> nn.ModuleList:
-        return self.vision_tower.blocks
+        return cast(nn.ModuleList, self.vision_tower.blocks)
 
     def vision_attention(self, layer: int) -> nn.Module:
-        return self.vision_layers[layer].attn
+        return cast(nn.Module, self.vision_layers[layer].attn)
 
     @property
     def projector(self) -> nn.Module:
-        return self.vision_tower.merger
+        return cast(nn.Module, self.vision_tower.merger)
 
     @property
     def feature_layer(self) -> int:
@@ -86,7 +86,7 @@ class Qwen2VLAdapter(Adapter):
     @property
     def rope_index_owner(self) -> nn.Module:
         """The module whose ``get_rope_index`` builds M-RoPE ids (wrapped by position edits)."""
-        return self.model.model
+        return cast(nn.Module, self.model.model)
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):

@@ -53,13 +53,16 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
 from steer.edits import AttentionMask, Edit, EditContext, InputEdit, MethodWrap, ModuleHook
 from steer.errors import SteerError
 from steer.registry import Method, param, register
+
+if TYPE_CHECKING:
+    from steer.adapters.families import Qwen2VLAdapter
 
 STOCK_WEIGHTS_WARNING = (
     "CCA was trained into its checkpoint; on stock weights it is an experimental ablation "
@@ -451,14 +454,20 @@ class CCA(Method):
         self._features: dict[int, tuple[weakref.ref, Any]] = {}
         self._last_rope: tuple[torch.Tensor, list] | None = None
         out: list[Edit] = [
-            MethodWrap(module=lambda a: a.model.model, name="get_image_features", fn=self._image_features),
+            MethodWrap(
+                module=lambda a: cast(torch.nn.Module, a.model.model),
+                name="get_image_features",
+                fn=self._image_features,
+            ),
             ModuleHook(module=lambda a: a.model, fn=self._capture_images, pre=True),
         ]
         if self.positions_on:
             if self.uses_mrope:
                 out.append(
                     MethodWrap(
-                        module=lambda a: a.rope_index_owner, name="get_rope_index", fn=self._rope_index
+                        module=lambda a: cast("Qwen2VLAdapter", a).rope_index_owner,
+                        name="get_rope_index",
+                        fn=self._rope_index,
                     )
                 )
             else:
@@ -470,7 +479,7 @@ class CCA(Method):
         return out
 
     # ---- which image is where -------------------------------------------------------------------
-    def _cache(self, ectx: EditContext) -> dict[str, Any]:
+    def _cache(self, ectx: EditContext) -> dict[Any, Any]:
         return ectx.forward.scratch.setdefault(("cca", id(self)), {})
 
     def _image_features(self, original: Any, args: tuple, kwargs: dict, ectx: EditContext) -> Any:
@@ -695,6 +704,7 @@ class CCA(Method):
         ref = kwargs.get("inputs_embeds")
         if ref is None:
             ref = kwargs.get("input_ids")
+        assert ref is not None  # the VLM calls its text model (this hook's target) with inputs_embeds
         batch, length = ref.shape[0], ref.shape[1]
         pos0 = kwargs.get("position_ids")
         if pos0 is None:

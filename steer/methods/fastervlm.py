@@ -54,7 +54,7 @@ import inspect
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,9 @@ from torch import Tensor, nn
 from steer.edits import Edit, EditContext, InputEdit, MethodWrap, ModuleHook
 from steer.errors import InvalidParameterError, MissingImageTokensError, SteerError, UnsupportedModelError
 from steer.registry import Method, param, register
+
+if TYPE_CHECKING:
+    from steer.adapters.families import Qwen2VLAdapter
 
 __all__ = [
     "FasterVLM",
@@ -117,13 +120,14 @@ def cls_attention(x: Tensor, attn: nn.Module) -> Tensor:
     """
     x = x.float()
     batch, length, _ = x.shape
-    heads = int(attn.num_heads)
+    heads = int(cast(Any, attn).num_heads)
     head_dim = int(getattr(attn, "head_dim", x.shape[-1] // heads))
     scale = float(getattr(attn, "scale", head_dim**-0.5))
-    q_bias = attn.q_proj.bias.float() if attn.q_proj.bias is not None else None
-    k_bias = attn.k_proj.bias.float() if attn.k_proj.bias is not None else None
-    q0 = F.linear(x[:, :1], attn.q_proj.weight.float(), q_bias).view(batch, 1, heads, head_dim).transpose(1, 2)
-    k = F.linear(x, attn.k_proj.weight.float(), k_bias).view(batch, length, heads, head_dim).transpose(1, 2)
+    q_proj, k_proj = cast(nn.Linear, attn.q_proj), cast(nn.Linear, attn.k_proj)
+    q_bias = q_proj.bias.float() if q_proj.bias is not None else None
+    k_bias = k_proj.bias.float() if k_proj.bias is not None else None
+    q0 = F.linear(x[:, :1], q_proj.weight.float(), q_bias).view(batch, 1, heads, head_dim).transpose(1, 2)
+    k = F.linear(x, k_proj.weight.float(), k_bias).view(batch, length, heads, head_dim).transpose(1, 2)
     probs = torch.softmax((q0 @ k.transpose(-1, -2)) * scale, dim=-1)  # [B, H, 1, 1+N]
     return probs[:, :, 0, 1:].mean(dim=1)
 
@@ -142,9 +146,10 @@ def received_attention(
     rows at a time, so the n x n map never exists.
     """
     seq = x.shape[0]
-    heads = int(attn.num_heads)
-    bias = attn.qkv.bias.float() if attn.qkv.bias is not None else None
-    qkv = F.linear(x.float(), attn.qkv.weight.float(), bias).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3)
+    heads = int(cast(Any, attn).num_heads)
+    proj = cast(nn.Linear, attn.qkv)
+    bias = proj.bias.float() if proj.bias is not None else None
+    qkv = F.linear(x.float(), proj.weight.float(), bias).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3)
     q, k = qkv[0], qkv[1]
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     cos, sin = position_embeddings
@@ -329,7 +334,8 @@ class FasterVLM(Method):
 
     def check(self) -> None:
         p = self.params
-        if "mm_encoder_outputs" not in inspect.signature(self.adapter.model.model.forward).parameters:
+        base_forward = cast(Any, self.adapter.model).model.forward
+        if "mm_encoder_outputs" not in inspect.signature(base_forward).parameters:
             import transformers
 
             raise UnsupportedModelError(
@@ -394,9 +400,21 @@ class FasterVLM(Method):
             ),
         ]
         if self.is_next:
-            out.append(MethodWrap(module=lambda a: a.model.model, name="pack_image_features", fn=self._pack_next))
+            out.append(
+                MethodWrap(
+                    module=lambda a: cast(nn.Module, a.model.model),
+                    name="pack_image_features",
+                    fn=self._pack_next,
+                )
+            )
         if self.is_qwen:
-            out.append(MethodWrap(module=lambda a: a.rope_index_owner, name="get_rope_index", fn=self._rope_index))
+            out.append(
+                MethodWrap(
+                    module=lambda a: cast("Qwen2VLAdapter", a).rope_index_owner,
+                    name="get_rope_index",
+                    fn=self._rope_index,
+                )
+            )
         elif p.positions == "original":
             out.append(InputEdit(fn=self._positions))
         return out
@@ -491,7 +509,7 @@ class FasterVLM(Method):
 
     # ---- the pruning ----------------------------------------------------------------------------
     def _encoder_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        fn = self.adapter.model.model.get_image_features
+        fn = cast(Any, self.adapter.model).model.get_image_features
         names = [n for n in inspect.signature(fn).parameters if n not in ("kwargs", "pixel_values")]
         return {n: kwargs[n] for n in names if kwargs.get(n) is not None}
 
@@ -511,7 +529,7 @@ class FasterVLM(Method):
         encoder = self._encoder_kwargs(kwargs)
         self._armed = {"scores": [], "next": [], "grid": encoder.get("image_grid_thw")}
         try:
-            out = self.adapter.model.model.get_image_features(
+            out = cast(Any, self.adapter.model).model.get_image_features(
                 pixel_values=kwargs["pixel_values"], **encoder, return_dict=True
             )
             images = self._select(out)
@@ -580,6 +598,7 @@ class FasterVLM(Method):
         x = args[0] if args else kwargs["hidden_states"]
         cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
         rope = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+        assert cu is not None and rope is not None  # a Qwen vision block passes both to its attention
         patch = received_attention(x.detach(), module, cu, rope)
         vision = self.adapter.config.vision_config
         unit = int(vision.spatial_merge_size) ** 2
@@ -591,7 +610,7 @@ class FasterVLM(Method):
 
     def _window_index(self, grid: Tensor) -> Tensor:
         """Qwen2.5-VL's merge-unit window permutation for ``image_grid_thw``, from the model's own function."""
-        visual = self.adapter.vision_tower
+        visual = cast(Any, self.adapter.vision_tower)
         own = getattr(visual, "get_window_index", None)
         if own is not None:
             return own(grid)[0]
@@ -767,6 +786,7 @@ class FasterVLM(Method):
             new_ids[b, offset:] = ids[b, cols]
             new_mask[b, offset:] = base_mask[b, cols]
             if new_types is not None:
+                assert types is not None  # new_types exists only when types does
                 new_types[b, offset:] = types[b, cols.to(types.device)]
         pos0 = (base_mask.long().cumsum(-1) - 1).clamp(min=0).cpu()
         pos1 = (new_mask.long().cumsum(-1) - 1).clamp(min=0).cpu()

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -55,6 +55,7 @@ from steer.registry import Method, param, register
 
 if TYPE_CHECKING:
     from steer.adapters.base import Adapter
+    from steer.adapters.families import Qwen2VLAdapter
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,7 +244,8 @@ class VHR(Method):
         for layer in layers:
             out.append(
                 ModuleHook(
-                    module=lambda a, layer=layer: a.attention(layer).o_proj,
+                    # mypy cannot infer the type of a lambda that binds the loop variable as a default
+                    module=lambda a, layer=layer: a.attention(layer).o_proj,  # type: ignore[misc]
                     fn=self._o_proj_hook(layer),
                     pre=True,
                     in_aux=True,
@@ -289,7 +291,7 @@ class VHR(Method):
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         if self.adapter.position_scheme != "mrope":
             return text
-        owner = self.adapter.rope_index_owner  # type: ignore[attr-defined]
+        owner: Any = cast("Qwen2VLAdapter", self.adapter).rope_index_owner
         with ectx.runtime.disabled():  # other methods' position edits (a wrapped get_rope_index) stay off
             mrope, _ = owner.get_rope_index(ids, mm_token_type_ids=torch.zeros_like(ids), attention_mask=mask)
         return torch.cat([text[None], mrope.to(text.device)], dim=0)

@@ -297,7 +297,8 @@ class VISTA(Method):
             for layer in range(self.num_layers):
                 out.append(
                     ModuleHook(
-                        module=lambda a, layer=layer: a.decoder_layers[layer],
+                        # mypy cannot infer the type of a lambda that binds the loop variable as a default
+                        module=lambda a, layer=layer: a.decoder_layers[layer],  # type: ignore[misc]
                         fn=self._block_hook(layer),
                         in_aux=True,
                     )
@@ -306,7 +307,8 @@ class VISTA(Method):
                 for layer in range(self.num_layers):
                     out.append(
                         ModuleHook(
-                            module=lambda a, layer=layer: a.decoder_layers[layer].mlp,
+                            # mypy cannot infer the type of a lambda that binds the loop variable as a default
+                            module=lambda a, layer=layer: a.decoder_layers[layer].mlp,  # type: ignore[misc]
                             fn=self._mlp_hook(layer),
                         )
                     )
@@ -316,7 +318,9 @@ class VISTA(Method):
             for layer in range(start, min(end, last - 1) + 1):
                 out.append(
                     ModuleHook(
-                        module=lambda a, layer=layer: a.decoder_layers[layer], fn=self._window_hook(layer)
+                        # mypy cannot infer the type of a lambda that binds the loop variable as a default
+                        module=lambda a, layer=layer: a.decoder_layers[layer],  # type: ignore[misc]
+                        fn=self._window_hook(layer),
                     )
                 )
             out.append(LogitsTransform(fn=self._mix_logits))
