@@ -85,6 +85,7 @@ def demo(
     import steer
     from steer import zoo
 
+    model: Any  # a *ForConditionalGeneration (load_tiny types it as PreTrainedModel, which has no generate)
     model, processor = zoo.load_tiny(family, seed=seed)
     prompt = zoo.chat_prompt(family, "Describe the image.")
     inputs = zoo.make_inputs(processor, family, [prompt], [[zoo.sample_image(seed)]])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -138,7 +138,7 @@ def describe_params(params_cls: type) -> list[dict[str, Any]]:
     return out
 
 
-def _valid_text(meta: dict[str, Any]) -> str:
+def _valid_text(meta: Mapping[str, Any]) -> str:
     if meta.get("choices"):
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
     if meta.get("range"):

@@ -241,6 +241,6 @@ def steer_attention(
         out = base.transpose(1, 2)
     else:
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    for edit in output_edits:
-        out = edit.apply(out, context_for(edit))
+    for out_edit in output_edits:
+        out = out_edit.apply(out, context_for(out_edit))
     return out.to(query.dtype).contiguous(), None

@@ -74,5 +74,7 @@ class ForwardContext:
         first = torch.where(has_image, mask.float().argmax(dim=1), torch.full_like(has_image, 0, dtype=torch.long))
         q = self.query_positions(mask.device)
         after = q[None, :] > first[:, None]
-        is_image = self.key_image_mask(self.past_length + self.query_len, mask.device)[:, q]
+        key_mask = self.key_image_mask(self.past_length + self.query_len, mask.device)
+        assert key_mask is not None  # image_mask is set
+        is_image = key_mask[:, q]
         return after & ~is_image & has_image[:, None]

@@ -86,9 +86,9 @@ class Runtime(HandleRuntime):
         self._hooks.append(model.register_forward_pre_hook(self._capture_context, with_kwargs=True))
 
         attention_edits = [e for e in edits if isinstance(e, ATTENTION_EDITS)]
-        for edit in attention_edits:
-            for layer in edit.resolve_layers(adapter.num_layers):
-                self.attention_edits.setdefault(layer, []).append(edit)
+        for att_edit in attention_edits:
+            for layer in att_edit.resolve_layers(adapter.num_layers):
+                self.attention_edits.setdefault(layer, []).append(att_edit)
         if self.attention_edits:
             attention_fn.register()
             config = adapter.attention_config
@@ -99,7 +99,8 @@ class Runtime(HandleRuntime):
             config._attn_implementation_internal = attention_fn.IMPLEMENTATION
             for layer in self.attention_edits:
                 module = adapter.attention(layer)
-                module._steer_layer = attention_fn.LayerTag(self, layer)
+                # nn.Module.__setattr__ is typed for Tensor | Module values; this is a plain attribute
+                module._steer_layer = attention_fn.LayerTag(self, layer)  # type: ignore[assignment]
                 self._tagged.append(module)
 
         for edit in edits:

@@ -76,12 +76,12 @@ def reweighted_attention(
         if out is not None:
             return out
     if impl == "reference":
-        out = group_reweight_reference(
+        ref = group_reweight_reference(
             query, key, value, mask, scale, labels, coefficients,
             rows=rows, renormalize=renormalize, base_out=base_out, num_groups=num_groups,
         )  # fmt: skip
-        assert isinstance(out, Tensor)
-        return out
+        assert isinstance(ref, Tensor)
+        return ref
     return group_reweight(
         query, key, value, mask, scale, labels, coefficients,
         rows=rows, renormalize=renormalize, base_out=base_out, num_groups=num_groups, base_lse=base_lse,

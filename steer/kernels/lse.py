@@ -18,6 +18,8 @@ hold), and a pass over the background group 0 only when some ``c_0 ≠ 1``. Conv
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -163,7 +165,7 @@ def attention_with_lse(
         return _math_attention_with_lse(query, key, value, m, scale)
     result = None
     if backend != "math" and value.shape[-1] == query.shape[-1]:
-        kernel = None
+        kernel: Callable[[Tensor, Tensor, Tensor, Tensor | None, float], tuple[Tensor, Tensor]] | None = None
         if dev == "cpu" and dt in _CPU_DTYPES:
             kernel = _cpu_attention_with_lse
         elif dev == "cuda" and dt in _CUDA_DTYPES:
@@ -237,6 +239,7 @@ def _group_pass(
         k, v, lab = key.index_select(2, cols), value.index_select(2, cols), labels.index_select(1, cols)
         m = None if mask is None else mask.index_select(3, cols)
     in_group = lab == g  # [B, Kg]
+    gm: Tensor | None  # None: no mask
     gm = in_group[:, None, None, :]
     if m is not None and bool((m | ~gm).all()):
         m = None
@@ -327,6 +330,7 @@ def group_reweight(
 
     if idx is None:
         return new
+    assert valid is not None  # set together with idx
     new = torch.where(valid[:, None, :, None], new, o_all)
     result = base_out.clone()
     result.scatter_(2, idx[:, None, :, None].expand_as(new), new)

@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import typer
@@ -369,12 +369,13 @@ def _load_model(path: str, device: str, dtype: str) -> tuple[nn.Module, Any]:
     except (ValueError, FileNotFoundError, KeyError):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
+        model: nn.Module = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
         processor = AutoProcessor.from_pretrained(path)
         processor.tokenizer.padding_side = "left"
         return model.to(device).eval(), processor
     model, processor = zoo.load(path, dtype=torch_dtype)
-    return model.to(device).eval(), processor
+    # mypy reads PreTrainedModel.to (typed through functools.wraps) as unbound; type the call as Module.to
+    return cast(nn.Module, model).to(device).eval(), processor
 
 
 def _default_out(family: str) -> Path:

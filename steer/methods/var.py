@@ -353,7 +353,7 @@ class VAR(Method):
             where = sink.nonzero().tolist()  # one sync per layer and prefill
             is_visual = visual[sink].tolist()
             samples = self.state["samples"]
-            per = [{"visual_sinks": [], "text_sinks": []} for _ in range(batch)]
+            per: list[dict[str, list[int]]] = [{"visual_sinks": [], "text_sinks": []} for _ in range(batch)]
             for (b, j), vis in zip(where, is_visual):
                 per[b]["visual_sinks" if vis else "text_sinks"].append(j)
             for b in range(batch):

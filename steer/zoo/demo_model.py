@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -160,7 +160,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_index=cast(int, tokenizer.convert_tokens_to_ids("<image>")),  # one token in, one id out
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         image_seq_length=IMAGE_TOKENS,

@@ -145,6 +145,7 @@ class QwenProcessorLite:
         encoded = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs)
         data.update(encoded)
         ids = encoded["input_ids"]
+        types: torch.Tensor | list[list[int]]
         if isinstance(ids, torch.Tensor):
             types = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
         else:

@@ -180,6 +180,7 @@ def _qwen(family: str, tok: Any) -> tuple[PreTrainedModel, QwenProcessorLite]:
         depth=2, num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3
     )
     model: PreTrainedModel
+    vision: dict[str, Any]
     if family == "qwen2_vl":
         vision = dict(vision_common, embed_dim=32, hidden_size=64, mlp_ratio=2)
         model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
@@ -223,6 +224,7 @@ def build(family: str, seed: int = 0) -> tuple[PreTrainedModel, Any]:
     """
     check_family(family)
     tok = _make_tokenizer(("<image>",) if family in ("llava", "llava_next") else _QWEN_SPECIALS)
+    processor: LlavaProcessor | LlavaNextProcessor | QwenProcessorLite
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if family == "llava":
@@ -260,6 +262,7 @@ def family_of(path: str | os.PathLike) -> str:
 def load_processor(path: str | os.PathLike, family: str | None = None) -> Any:
     """Load the processor saved in `path` (real `from_pretrained`, local files only); tokenizer pads left."""
     family = family or family_of(path)
+    processor: LlavaProcessor | LlavaNextProcessor | QwenProcessorLite
     if family == "llava":
         processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
     elif family == "llava_next":
@@ -312,7 +315,7 @@ def _is_complete(path: Path) -> bool:
     )
 
 
-def saved_once(final: Path, write: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> Path:
+def saved_once(final: Path, write: Callable[[Path], object], is_complete: Callable[[Path], bool]) -> Path:
     """Return ``final`` once it holds a complete save, writing it with ``write(folder)`` if needed.
 
     A complete existing folder is reused untouched. A new one is written into a temporary sibling and
