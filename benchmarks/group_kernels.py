@@ -114,16 +114,16 @@ def steered(c: dict[str, Any], impl: str = "auto") -> torch.Tensor:
     """What steer's attention function does for an edited layer: on CPU with many rows, one fused pass that
     returns the output and its log-sum-exp; otherwise the plain backend output."""
     base_lse = None
+    causal = c["causal"] and c["q"].shape[2] == c["k"].shape[2]  # SDPA's is_causal: no mask tensor at all
+    mask = None if causal else c["mask"]
     if c["q"].device.type == "cpu" and c["q"].shape[2] > MATH_MAX_ROWS:
-        causal = c["causal"] and c["q"].shape[2] == c["k"].shape[2]
-        mask = None if causal else c["mask"]
         base, base_lse = attention_with_lse(c["q"], c["k"], c["v"], mask, c["scale"], causal=causal)
     else:
         base = sdpa(c)
     rule = c["rule"]
     return reweighted_attention(
-        c["q"], c["k"], c["v"], c["mask"], c["scale"], c["labels"], rule.coefficients,
-        rows=c["rows"], base_out=base, impl=impl, rule=rule, base_lse=base_lse,
+        c["q"], c["k"], c["v"], mask, c["scale"], c["labels"], rule.coefficients,
+        rows=c["rows"], base_out=base, impl=impl, rule=rule, base_lse=base_lse, causal=causal,
     )  # fmt: skip
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import batch_inputs, logits
+from helpers import batch_inputs, logits, row_inputs
 from torch.nn.attention.flex_attention import create_block_mask
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -15,7 +15,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import steer
 from steer import edits, zoo
+from steer.hooks import attention as attention_module
 from steer.hooks.attention import bool_mask
+from steer.kernels import dispatch
 
 MIN = torch.finfo(torch.float32).min
 
@@ -117,3 +119,36 @@ def test_flex_attention_model_prefill_matches_sdpa() -> None:
     assert torch.allclose(steered[real], expected[real], atol=1e-5)
     assert model.config.text_config._attn_implementation == "flex_attention"
     assert torch.equal(logits(model, inputs), plain)
+
+
+def test_unpadded_prefill_keeps_the_causal_mask_implicit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no padding transformers passes no mask (SDPA's is_causal). A reweighting edit then builds no
+    [Lq, Lk] triangle (O(L²) memory); it hands ``causal=True`` down instead, and the sample's steered logits
+    equal its row in a left-padded batch, where the mask is real."""
+    model, processor = zoo.load_tiny("llava")
+    alone_inputs, batch = row_inputs(processor, "llava", 0), batch_inputs(processor, "llava")
+    built: list[int] = []
+    flags: list[tuple[int, bool]] = []
+    real_bool_mask, real_dispatch = attention_module.bool_mask, dispatch.reweighted_attention
+
+    def spy_bool_mask(attention_mask: Any, *args: Any) -> torch.Tensor:
+        out = real_bool_mask(attention_mask, *args)
+        built.append(out.shape[2])
+        return out
+
+    def spy_dispatch(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        flags.append((query.shape[2], kwargs.get("causal", False)))
+        return real_dispatch(query, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "bool_mask", spy_bool_mask)
+    monkeypatch.setattr(dispatch, "reweighted_attention", spy_dispatch)
+    plain = logits(model, alone_inputs)
+    with steer.apply(model, "image_attention", scale=3.0):
+        alone = logits(model, alone_inputs)
+        assert built == [] and flags and all(causal for _, causal in flags)
+        flags.clear()
+        together = logits(model, batch)
+        assert built and not any(causal for _, causal in flags)
+    real = batch["attention_mask"][0].bool()
+    assert torch.allclose(alone[0], together[0][real], atol=1e-5)
+    assert (alone - plain).abs().max() > 1e-3

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from steer.kernels import (
     attention_with_lse,
+    causal_mask,
     eager_attention,
     group_reweight,
     group_reweight_reference,
@@ -328,6 +329,31 @@ def test_causal_flag_equals_explicit_causal_mask() -> None:
     torch.testing.assert_close(lse_c, lse_m, atol=1e-5, rtol=1e-5)
     out_math, _ = attention_with_lse(q, k, v, None, 0.3, causal=True, backend="math")
     torch.testing.assert_close(out_math, out_m, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows_kind", ["all", "subset"])
+@pytest.mark.parametrize("shape", [(37, 37), (5, 40)], ids=["prefill", "chunk"])
+def test_reweight_causal_flag_equals_explicit_triangle(shape: tuple[int, int], rows_kind: str) -> None:
+    """``causal=True`` with no mask (SDPA's is_causal prefill) gives what the materialised triangle gives, on
+    every path (the LSE merge with gathered rows, all rows, the explicit few-row path: the module's fixture;
+    the reference), with and without the caller's base output; the rows are the last Lq positions (a chunk:
+    Lq < Lk)."""
+    lq, lk = shape
+    q, k, v, _ = _inputs(lq, lk, seed=11)
+    tri = causal_mask(lq, lk, "cpu")
+    assert torch.equal(tri[0, 0], torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq))
+    labels, fn = _labels(lk), COEFFS["background"]
+    rows = _rows(lq, rows_kind)
+    kw = dict(rows=rows, num_groups=3)
+    ref = group_reweight_reference(q, k, v, tri, 0.3, labels, fn, **kw)
+    base = attention_with_lse(q, k, v, tri, 0.3)[0]
+    for base_out in (None, base):
+        got = group_reweight(q, k, v, None, 0.3, labels, fn, base_out=base_out, causal=True, **kw)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for impl in ("fused", "reference"):
+        got = reweighted_attention(q, k, v, None, 0.3, labels, fn, base_out=base, impl=impl, causal=True, **kw)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert (ref - base).abs().max() > 1e-2
 
 
 def test_group_column_paths_and_dropped_mask_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -250,6 +250,24 @@ def test_dispatcher_three_paths_agree(phase: str, monkeypatch: pytest.MonkeyPatc
         torch.testing.assert_close(auto, outs["fused"], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("lq", [32, 7], ids=["prefill", "chunk"])
+def test_dispatcher_causal_flag_without_a_mask(lq: int) -> None:
+    """``causal=True`` and no mask (what steer's attention function passes for SDPA's is_causal prefill): the
+    kernel's CAUSAL path and the LSE merge give what the materialised triangle gives."""
+    q, k, v, _, labels = _inputs(lq, 48, seed=8)
+    tri = _causal(lq, 48)
+    rows = torch.zeros(B, lq, dtype=torch.bool, device=DEV)
+    rows[:, -5:] = True
+    rule = CoefficientRule.var(0.6, 0.5, 0.2, torch.tensor([24.0, 20.0]))
+    base = reweighted_attention(q, k, v, tri, SCALE, labels, _fn(None), impl="reference")
+    kw = dict(rows=rows, base_out=base, rule=rule)
+    want = reweighted_attention(q, k, v, tri, SCALE, labels, rule.coefficients, impl="reference", **kw)
+    for impl in ("triton", "fused", "reference"):
+        got = reweighted_attention(q, k, v, None, SCALE, labels, rule.coefficients, impl=impl, causal=True, **kw)
+        _close(got, want, torch.float32)
+    assert (want - base).abs().max() > 1e-3
+
+
 def test_unsupported_arguments() -> None:
     q, k, v, keep, labels = _inputs(4, 16)
     with pytest.raises(ValueError, match="CoefficientRule"):

@@ -23,7 +23,7 @@ import steer
 from steer import zoo
 from steer.adapters import adapter_for
 from steer.kernels import dispatch
-from steer.kernels.lse import attention_with_lse
+from steer.kernels.lse import attention_with_lse, causal_mask
 from steer.kernels.reference import eager_attention, group_reweight_reference
 from steer.methods import calibration
 from steer.methods.var import (
@@ -192,7 +192,10 @@ class Spy:
         monkeypatch.setattr(dispatch, "reweighted_attention", self)
 
     def __call__(self, query, key, value, mask, scale, labels, coefficients, rows=None, renormalize=False,
-                 base_out=None, num_groups=None, impl="auto", rule=None, base_lse=None):  # fmt: skip
+                 base_out=None, num_groups=None, impl="auto", rule=None, base_lse=None, causal=False):  # fmt: skip
+        if causal:  # unpadded prefill: the caller leaves the triangle implicit
+            assert mask is None
+            mask = causal_mask(query.shape[2], key.shape[2], query.device)
         out, new = group_reweight_reference(
             query,
             key,

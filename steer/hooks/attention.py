@@ -202,7 +202,10 @@ def steer_attention(
         )
 
     if mask_edits or reweights:
-        mask = bool_mask(attention_mask, backend_name, batch, q_len, k_len, query.device)
+        # SDPA's is_causal prefill: the triangle stays implicit (an [Lq, Lk] tensor is O(L²)) until a mask
+        # edit needs it; the reweight then builds only its edited rows' part, or none (Triton)
+        causal = attention_mask is None and q_len == k_len and q_len > 1
+        mask = None if causal else bool_mask(attention_mask, backend_name, batch, q_len, k_len, query.device)
         bias = None
         changed = False
         for edit in mask_edits:
@@ -210,6 +213,9 @@ def steer_attention(
             if value_ is None:
                 continue
             changed = True
+            if mask is None:
+                mask = bool_mask(attention_mask, backend_name, batch, q_len, k_len, query.device)
+                causal = False
             value_ = value_.to(query.device)
             if edit.mode == "and":
                 mask = mask & value_.bool()
@@ -219,11 +225,11 @@ def steer_attention(
                 bias = value_ if bias is None else bias + value_
         base_lse = None
         if changed:
+            assert mask is not None  # built by the first mask edit that returned a value
             base = masked_attention(query, key, value, mask, bias, scale)
         elif reweights and q_len > lse.MATH_MAX_ROWS and query.device.type == "cpu":
             # many rows to reweight: one fused pass gives the output and the log-sum-exp the merge needs
-            causal = attention_mask is None and q_len == k_len  # the backend would use SDPA's is_causal
-            base, base_lse = lse.attention_with_lse(query, key, value, None if causal else mask, scale, causal=causal)
+            base, base_lse = lse.attention_with_lse(query, key, value, mask, scale, causal=causal)
         else:
             out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
             base = out.transpose(1, 2)
@@ -236,7 +242,7 @@ def steer_attention(
             if bias is not None:
                 raise NotImplementedError("GroupReweight together with an additive mask on one layer")
             base = runtime.run_group_reweight(
-                reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base, base_lse
+                reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base, base_lse, causal
             )
         out = base.transpose(1, 2)
     else:

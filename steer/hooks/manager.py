@@ -286,13 +286,15 @@ class Runtime(HandleRuntime):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         scale: float,
         base: torch.Tensor,
         base_lse: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         """Apply ``edit`` to one layer's attention; ``base`` is the unedited output [B, H, Lq, D] (and
-        ``base_lse`` its log-sum-exp, when the caller has it)."""
+        ``base_lse`` its log-sum-exp, when the caller has it). ``causal``: the mask is the causal triangle
+        (then ``mask`` is None and nobody builds it)."""
         from steer.kernels.dispatch import reweighted_attention
 
         ctx = self.context
@@ -338,6 +340,7 @@ class Runtime(HandleRuntime):
             impl=edit.impl,
             rule=edit.coefficient_rule(ectx),
             base_lse=base_lse,
+            causal=causal,
         )
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from steer.kernels.lse import group_reweight
+from steer.kernels.lse import causal_mask, group_reweight
 from steer.kernels.reference import Coefficients, group_reweight_reference
 
 if TYPE_CHECKING:
@@ -50,12 +50,14 @@ def reweighted_attention(
     impl: str = "auto",
     rule: CoefficientRule | None = None,
     base_lse: Tensor | None = None,
+    causal: bool = False,
 ) -> Tensor:
     """Attention with post-softmax probabilities reweighted by key group: ``o' = Σ_g c_g m_g out_g``.
 
     ``m_g = exp(lse_g − lse_all)`` is the softmax mass of key group g, ``out_g`` attention restricted to g,
     ``c = coefficients(m)``; divided by ``Σ_g c_g m_g`` when ``renormalize``. Arguments and conventions as in
-    :func:`steer.kernels.lse.group_reweight`.
+    :func:`steer.kernels.lse.group_reweight` (``causal`` too: the Triton kernel skips the key tiles past
+    each row block's diagonal; no [Lq, Lk] mask is built unless every row is edited).
 
     ``impl``: ``"fused"`` (LSE merge, no probability tensor), ``"reference"`` (materialised probabilities;
     tests and tiny shapes), ``"triton"`` (the single-pass kernel of :mod:`steer.kernels.triton_group`; needs
@@ -72,10 +74,15 @@ def reweighted_attention(
     if impl == "auto" and _FORCED:
         impl = _FORCED[-1]
     if impl == "triton" or (impl == "auto" and rule is not None and query.device.type == "cuda"):
-        out = _triton(query, key, value, mask, scale, labels, rule, rows, renormalize, base_out, impl == "triton")
+        out = _triton(
+            query, key, value, mask, scale, labels, rule, rows, renormalize, base_out, impl == "triton", causal
+        )
         if out is not None:
             return out
     if impl == "reference":
+        if causal:
+            tri = causal_mask(query.shape[2], key.shape[2], query.device)
+            mask = tri if mask is None else mask.to(query.device) & tri
         ref = group_reweight_reference(
             query, key, value, mask, scale, labels, coefficients,
             rows=rows, renormalize=renormalize, base_out=base_out, num_groups=num_groups,
@@ -85,6 +92,7 @@ def reweighted_attention(
     return group_reweight(
         query, key, value, mask, scale, labels, coefficients,
         rows=rows, renormalize=renormalize, base_out=base_out, num_groups=num_groups, base_lse=base_lse,
+        causal=causal,
     )  # fmt: skip
 
 
@@ -103,6 +111,7 @@ def _triton(
     renormalize: bool,
     base_out: Tensor | None,
     strict: bool,
+    causal: bool = False,
 ) -> Tensor | None:
     """The Triton path, or None (not applicable / failed, non-strict) to fall back to the LSE merge."""
     from steer.kernels import triton_group
@@ -118,7 +127,7 @@ def _triton(
     assert rule is not None
     try:
         result = triton_group.triton_group_attention(
-            query, key, value, labels, scale=scale, rule=rule, mask=mask, rows=rows,
+            query, key, value, labels, scale=scale, rule=rule, mask=mask, rows=rows, causal=causal,
             renormalize=renormalize, base_out=base_out, return_selected=rule.on_selected is not None,
         )  # fmt: skip
     except Exception as exc:

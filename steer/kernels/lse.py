@@ -193,6 +193,13 @@ def attention_with_lse(
     return out, lse
 
 
+def causal_mask(q_len: int, k_len: int, device: torch.device | str) -> Tensor:
+    """bool [1, 1, Lq, Lk]: key j allowed for query row i iff j ≤ i + Lk − Lq (the rows are the last Lq
+    positions; the Triton kernel's ``causal``)."""
+    rows = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    return (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+
+
 def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     """x [B|1, H, Lq, N] gathered along Lq with idx [B, n] -> [B, H, n, N]."""
     b, n = idx.shape
@@ -263,6 +270,7 @@ def group_reweight(
     base_out: Tensor | None = None,
     num_groups: int | None = None,
     base_lse: Tensor | None = None,
+    causal: bool = False,
 ) -> Tensor:
     """Reweight post-softmax attention by key group without materialising probabilities.
 
@@ -283,8 +291,9 @@ def group_reweight(
     largest count) and only on the key columns each group can occupy; no [B, H, Lq, Lk] tensor is built
     beyond the caller's mask. ``base_lse`` [B, Hq, Lq] (the log-sum-exp that came with ``base_out``, e.g. from
     :func:`attention_with_lse`) saves the pass that would recompute it. ``num_groups`` fixes G (default
-    ``labels.max()``). The result is a new tensor,
-    except that ``base_out`` itself is returned when no row is edited.
+    ``labels.max()``). ``causal``: key j is allowed for row i only if j ≤ i + Lk − Lq (ANDed with ``mask``,
+    usually None then); with gathered rows and ``base_out`` it costs a [B, 1, n, Lk] mask, never an
+    [Lq, Lk] one. The result is a new tensor, except that ``base_out`` itself is returned when no row is edited.
     """
     b, hq, _, lq, lk = _check_shapes(query, key, value)
     lab = _pad_labels(labels.to(query.device), b, lk)
@@ -300,6 +309,10 @@ def group_reweight(
     # --- the edited rows: gathered per sample (idx [B, n], valid [B, n]) ---------------------------------
     if sel is not None and bool(sel.all()):
         sel = None
+    if causal and (sel is None or base_out is None):  # every row is needed: the whole triangle
+        tri = causal_mask(lq, lk, query.device)
+        m4 = tri if m4 is None else m4 & tri
+        causal = False
     if sel is None:
         idx = valid = None
         q_sel, m_sel = query, m4
@@ -317,6 +330,10 @@ def group_reweight(
         q_sel = _gather_rows(query, idx)
         lse_sel = None if base_lse is None else _gather_rows(base_lse[..., None], idx)[..., 0]
         m_sel = None if m4 is None else (m4 if m4.shape[2] == 1 else _gather_rows(m4, idx))
+        if causal:  # the gathered rows' part of the triangle only: [B, 1, n, Lk]
+            keys = torch.arange(lk, device=query.device)
+            tri = keys[None, None, None, :] <= (idx + (lk - lq))[:, None, :, None]
+            m_sel = tri if m_sel is None else m_sel & tri
         if base_out is None:
             base_out = attention_with_lse(query, key, value, m4, scale)[0]
         o_all = _gather_rows(base_out, idx)
