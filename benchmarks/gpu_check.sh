@@ -8,7 +8,8 @@
 # OUTDIR/env.txt        GPU, python, torch, triton versions
 # OUTDIR/pytest.log     pytest tests/test_triton_kernels.py tests/test_kernels.py (skip/failure reasons)
 # OUTDIR/pytest.xml     the same as JUnit XML
-# OUTDIR/bench.log      the benchmark table (prefill 1k/4k/16k, decode with a 4k cache; bf16, H=32, D=128)
+# OUTDIR/bench.log      the benchmark table (prefill 1k/4k/16k, decode with a 4k cache; bf16, H=32, D=128), then
+#                       the tile sweep (the Triton kernel alone at other tiles / warps / KV splits, 4k first)
 # OUTDIR/bench.jsonl    its rows as JSON
 # OUTDIR/summary.txt    exit codes, the pytest result line, the benchmark table
 # Python: $PYTHON, else .venv/bin/python, else python3. Exit status: 0 iff tests and benchmark passed.
@@ -53,7 +54,7 @@ t1=$(date +%s)
 tail -n 3 "$OUT/pytest.log"
 
 timeout 150 "$PY" benchmarks/group_kernels.py --device cuda --lengths 1024,4096,16384 --decode-cache 4096 \
-    --heads 32 --head-dim 128 --dtype bf16 --repeats 10 --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
+    --heads 32 --head-dim 128 --dtype bf16 --repeats 10 --sweep --json "$OUT/bench.jsonl" > "$OUT/bench.log" 2>&1
 rc_bench=$?
 t2=$(date +%s)
 

@@ -20,6 +20,10 @@ Per case, medians over ``--repeats`` (after 2 warm-up calls):
 Printed: time (ms) and peak memory above the inputs (MiB; CUDA: ``max_memory_allocated``; CPU: bytes of live
 tensors allocated by aten ops, tracked at dispatch level) and the ratios b/a and c/b. ``--json`` writes the
 rows as JSON lines. Also checks that (b) and (c) agree (max abs difference printed).
+
+``--sweep`` (CUDA, or Triton's interpreter): afterwards, the Triton kernel alone (the part of (b) after the
+base output) at other tile sizes, warp counts and, in decode, KV split counts, against the default choice of
+``steer.kernels.triton_group.tiles`` — so that one GPU run also says which tiles to pick.
 """
 
 from __future__ import annotations
@@ -236,6 +240,74 @@ def print_row(row: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# tile sweep: the Triton kernel alone, other launch parameters
+
+PREFILL_TILES = [(64, 64, 8), (64, 64, 4), (32, 64, 4), (32, 64, 8), (64, 32, 4), (32, 32, 4), (128, 32, 8),
+                 (64, 128, 8)]  # fmt: skip
+# decode: (num_splits, BLOCK_N, num_warps); None = the default choice
+DECODE_LAUNCHES = [(None, 64, None), (4, 64, None), (8, 64, None), (16, 64, None), (32, 64, None),
+                   (64, 64, None), (None, 128, None), (16, 128, 8)]  # fmt: skip
+
+
+def sweep(c: dict[str, Any], phase: str, prompt: int, repeats: int) -> list[dict[str, Any]]:
+    """Kernel-only time of each launch variant; the first row is the default (every knob None)."""
+    device = c["q"].device.type
+    base = sdpa(c)
+    causal = c["causal"] and c["q"].shape[2] == c["k"].shape[2]
+
+    def kernel(**launch: Any) -> torch.Tensor:
+        out = triton_group.triton_group_attention(
+            c["q"], c["k"], c["v"], c["labels"], scale=c["scale"], rule=c["rule"],
+            mask=None if causal else c["mask"], causal=causal, rows=c["rows"], base_out=base, **launch,
+        )  # fmt: skip
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    if phase == "prefill":
+        variants = [{}] + [dict(block_m=m, block_n=n, num_warps=w) for m, n, w in PREFILL_TILES]
+    else:
+        variants = [{}] + [dict(num_splits=s, block_n=n, num_warps=w) for s, n, w in DECODE_LAUNCHES]
+    with torch.no_grad():
+        want = kernel().float()
+    rows: list[dict[str, Any]] = []
+    for launch in variants:
+        row: dict[str, Any] = {
+            "case": f"{phase} {prompt}",
+            "sweep": True,
+            **{k: v for k, v in launch.items()},
+        }
+        try:
+            with torch.no_grad():
+                row["max_abs_diff_default"] = (kernel(**launch).float() - want).abs().max().item()
+            row["kernel_ms"] = time_ms(lambda launch=launch: kernel(**launch), device, repeats)
+        except Exception as exc:  # a variant the compiler or the card refuses (shared memory, say)
+            row["error"] = repr(exc)[:300]
+        rows.append(row)
+    default = rows[0].get("kernel_ms")
+    for row in rows:
+        if default and "kernel_ms" in row:
+            row["over_default"] = row["kernel_ms"] / default
+    return rows
+
+
+def print_sweep(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        knobs = " ".join(
+            f"{k}={row[k]}"
+            for k in ("block_m", "block_n", "num_warps", "num_splits")
+            if row.get(k) is not None
+        )
+        if "error" in row:
+            print(f"  sweep {row['case']:<14} {knobs or 'default':<40} FAILED {row['error']}", flush=True)
+        else:
+            print(
+                f"  sweep {row['case']:<14} {knobs or 'default':<40} {row['kernel_ms']:8.3f} ms "
+                f"x{row.get('over_default', float('nan')):.2f} of default  |diff| {row['max_abs_diff_default']:.1e}",
+                flush=True,
+            )
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -253,6 +325,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--reference-max-gb", type=float, default=None, help="default: 48 on CUDA, 6 on CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--json", type=Path, default=None, help="append the rows as JSON lines")
+    ap.add_argument(
+        "--sweep", action="store_true", help="then time the Triton kernel at other launch parameters"
+    )
     args = ap.parse_args(argv)
 
     device = args.device
@@ -301,8 +376,42 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 fh.write(json.dumps(row) + "\n")
         if device == "cuda":
             torch.cuda.empty_cache()
+    if args.sweep:
+        results += run_sweep(cases, args, kv_heads, dtype, device)
     return results
 
 
+def run_sweep(
+    cases: list[tuple[str, int, int]],
+    args: argparse.Namespace,
+    kv_heads: int,
+    dtype: torch.dtype,
+    device: str,
+) -> list[dict[str, Any]]:
+    """The sweep of every case the kernel runs on here (4k prefill first: the target case)."""
+    if device != "cuda" and not triton_group.interpreting():
+        print("# sweep: needs CUDA (or TRITON_INTERPRET=1); skipped")
+        return []
+    print("# sweep: Triton kernel alone (after the base output), launch parameters against the default")
+    order = sorted(cases, key=lambda case: (case[1] != 4096, case[0] != "prefill", case[1]))
+    rows: list[dict[str, Any]] = []
+    for phase, prompt, q_len in order:
+        try:
+            c = make_case(prompt, q_len, args.heads, kv_heads, args.head_dim, dtype, device)
+            found = sweep(c, phase, prompt, args.repeats)
+            del c
+        except Exception as exc:
+            found = [{"case": f"{phase} {prompt}", "sweep": True, "error": repr(exc)[:300]}]
+        print_sweep(found)
+        if args.json:
+            with args.json.open("a") as fh:
+                for row in found:
+                    fh.write(json.dumps(row) + "\n")
+        rows += found
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 if __name__ == "__main__":
-    sys.exit(1 if any("error" in row for row in main()) else 0)
+    sys.exit(1 if any("error" in row and not row.get("sweep") for row in main()) else 0)

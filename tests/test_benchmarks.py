@@ -3,6 +3,8 @@ transformers probes (e.g. `kernels`) would break every other script's imports.""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +24,6 @@ def test_benchmark_script_starts(script: str) -> None:
 
 
 def _load_group_kernels() -> object:
-    import importlib.util
-
     sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling memory.py
     try:
         spec = importlib.util.spec_from_file_location("bench_group_kernels", BENCHMARKS / "group_kernels.py")
@@ -57,3 +57,37 @@ def test_group_kernels_survives_a_failing_case(tmp_path: Path, monkeypatch: pyte
     for row in (rows[0], rows[2]):
         assert row["time_b_over_a"] > 0 and row["max_abs_diff_fused_ref"] < 1e-5
     assert [json.loads(line)["case"] for line in out.read_text().splitlines()] == [r["case"] for r in rows]
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+    reason="the sweep runs the Triton kernel: CUDA, or triton's interpreter (TRITON_INTERPRET=1, set on CPU)",
+)
+def test_group_kernels_sweep_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--sweep`` (run once by the GPU check): one row per launch variant and case, the default first; a
+    variant that fails is a row with its error, the others still timed and equal to the default's output."""
+    import json
+
+    bench = _load_group_kernels()
+    triton_group = bench.triton_group  # type: ignore[attr-defined]
+    real_kernel = triton_group.triton_group_attention
+
+    def kernel(*args: object, **kwargs: object) -> object:
+        if kwargs.get("block_m") == 128:
+            raise RuntimeError("out of resource: shared memory (simulated)")
+        return real_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(triton_group, "triton_group_attention", kernel)
+    out = tmp_path / "rows.jsonl"
+    argv = "--device cpu --lengths 48 --decode-cache 48 --heads 2 --head-dim 16 --repeats 1 --sweep".split()
+    rows = [r for r in bench.main([*argv, "--json", str(out)]) if r.get("sweep")]  # type: ignore[attr-defined]
+    prefill = [r for r in rows if r["case"] == "prefill 48"]
+    decode = [r for r in rows if r["case"] == "decode 48"]
+    assert len(prefill) == 1 + len(bench.PREFILL_TILES) and len(decode) == 1 + len(bench.DECODE_LAUNCHES)
+    assert "block_m" not in prefill[0] and prefill[0]["over_default"] == 1.0
+    failed = [r for r in prefill if "error" in r]
+    assert len(failed) == 1 and failed[0]["block_m"] == 128
+    for row in prefill + decode:
+        if "error" not in row:
+            assert row["kernel_ms"] > 0 and row["max_abs_diff_default"] < 1e-5
+    assert sum(1 for line in out.read_text().splitlines() if json.loads(line).get("sweep")) == len(rows)

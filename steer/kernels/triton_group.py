@@ -291,6 +291,7 @@ def triton_group_attention(
     num_splits: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention with key-group reweighting in one pass: ``o' = Σ_g c_g m_g out_g`` (module docstring).
 
@@ -306,7 +307,7 @@ def triton_group_attention(
 
     Returns ``out`` [B, Hq, Lq, D], or ``(out, selected)`` with ``return_selected``: bool [B, Hq, Lq], the
     rows the rule edited (VAR: its row test; constant: the edited rows). ``num_splits`` (default: from the
-    shape and the SM count), ``block_m``, ``block_n``: tuning and tests.
+    shape and the SM count), ``block_m``, ``block_n``, ``num_warps`` (default: :func:`tiles`): tuning and tests.
     """
     if not HAVE_TRITON:
         raise RuntimeError("triton_group_attention needs triton (pip install 'steer-toolkit[kernels]')")
@@ -428,11 +429,12 @@ def triton_group_attention(
     block_d = max(16, _next_pow2(d))
     rows_per_bh = n_slots * rep
     live = nacc + (0 if base_out is not None else 1)  # fp32 [BLOCK_M, BLOCK_D] accumulators in registers
-    tile_m, tile_n, num_warps = tiles(dtype, rows_per_bh, block_d, live)
+    tile_m, tile_n, default_warps = tiles(dtype, rows_per_bh, block_d, live)
     if interpreting():  # numpy runs a whole tile at once: fewer, larger programs (tests on CPU)
         tile_m, tile_n = max(tile_m, min(64, _next_pow2(rows_per_bh))), 32
     block_m = block_m or tile_m
     block_n = block_n or tile_n
+    num_warps = num_warps or default_warps
     grid_m = _cdiv(rows_per_bh, block_m)
     n_blocks = _cdiv(lk, block_n)
     if num_splits is None:
