@@ -12,7 +12,8 @@ Per case, medians over ``--repeats`` (after 2 warm-up calls):
 * (a) ``sdpa``: ``F.scaled_dot_product_attention`` (causal in prefill), what the unsteered layer runs;
 * (b) ``fused``: what a VAR layer runs in steer — (a) for the base output, then
   ``reweighted_attention(..., rows, base_out, rule)`` with ``impl="auto"``: the Triton kernel on CUDA
-  when triton is installed, the SDPA + LSE-merge path otherwise (the column ``path`` says which);
+  when triton is installed, the SDPA + LSE-merge path otherwise (the column ``path`` says which); in
+  decode the Triton kernel computes the base output itself (one pass over K and V, no (a));
 * (c) ``reference``: ``group_reweight_reference`` (materialised probabilities), skipped when its
   estimated memory (6 fp32 [H, Lq, Lk] tensors) exceeds ``--reference-max-gb``;
 * on CUDA also ``lse``: (a) + the LSE-merge path forced (``impl="fused"``), for comparison.
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory import peak_bytes  # noqa: E402  (benchmarks/memory.py)
 
 from steer.kernels import group_reweight_reference, reweighted_attention, triton_group  # noqa: E402
+from steer.kernels.dispatch import ONE_PASS_MAX_ROWS  # noqa: E402
 from steer.kernels.lse import MATH_MAX_ROWS, attention_with_lse  # noqa: E402
 from steer.kernels.triton_group import CoefficientRule  # noqa: E402
 from steer.methods.var import LABEL_NV, LABEL_ST, LABEL_SV  # noqa: E402
@@ -120,10 +122,11 @@ def steered(c: dict[str, Any], impl: str = "auto") -> torch.Tensor:
     base_lse = None
     causal = c["causal"] and c["q"].shape[2] == c["k"].shape[2]  # SDPA's is_causal: no mask tensor at all
     mask = None if causal else c["mask"]
+    base: torch.Tensor | Callable[[], torch.Tensor]
     if c["q"].device.type == "cpu" and c["q"].shape[2] > MATH_MAX_ROWS:
         base, base_lse = attention_with_lse(c["q"], c["k"], c["v"], mask, c["scale"], causal=causal)
     else:
-        base = sdpa(c)
+        base = lambda: sdpa(c)  # noqa: E731  (the Triton path skips it in decode: one pass)
     rule = c["rule"]
     return reweighted_attention(
         c["q"], c["k"], c["v"], mask, c["scale"], c["labels"], rule.coefficients,
@@ -250,9 +253,10 @@ DECODE_LAUNCHES = [(None, 64, None), (4, 64, None), (8, 64, None), (16, 64, None
 
 
 def sweep(c: dict[str, Any], phase: str, prompt: int, repeats: int) -> list[dict[str, Any]]:
-    """Kernel-only time of each launch variant; the first row is the default (every knob None)."""
+    """Kernel-only time of each launch variant; the first row is the default (every knob None). Prefill: the
+    edited rows after the base output; decode: the one pass that also computes the base."""
     device = c["q"].device.type
-    base = sdpa(c)
+    base = None if c["q"].shape[2] <= ONE_PASS_MAX_ROWS else sdpa(c)  # as the dispatcher: decode in one pass
     causal = c["causal"] and c["q"].shape[2] == c["k"].shape[2]
 
     def kernel(**launch: Any) -> torch.Tensor:

@@ -268,6 +268,33 @@ def test_dispatcher_causal_flag_without_a_mask(lq: int) -> None:
     assert (want - base).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("lq", [1, 4, 32], ids=["decode", "short", "prefill"])
+def test_lazy_base_is_skipped_for_short_row_blocks(lq: int) -> None:
+    """``base_out`` given as a function: the Triton path computes up to ONE_PASS_MAX_ROWS rows and their plain
+    output in one pass over K and V and never calls it; longer blocks and the LSE path call it once. Same
+    result either way; rows the rule leaves alone are plain attention."""
+    q, k, v, keep, labels = _inputs(lq, 40, seed=9)
+    mask = _causal(lq, 40) & keep[:, None, None, :]
+    rows = torch.zeros(B, lq, dtype=torch.bool, device=DEV)
+    rows[0, -1] = True  # sample 1: no edited row
+    rule = CoefficientRule.var(0.6, 0.5, 0.2, torch.tensor([24.0, 20.0]))
+    base = reweighted_attention(q, k, v, mask, SCALE, labels, _fn(None), impl="reference")
+    kw = dict(rows=rows, rule=rule)
+    want = reweighted_attention(q, k, v, mask, SCALE, labels, rule.coefficients, impl="reference", base_out=base, **kw)
+    assert (want - base).abs().max() > 1e-3
+    calls: list[int] = []
+
+    def lazy() -> torch.Tensor:
+        calls.append(1)
+        return base
+
+    for impl, expect_calls in (("triton", 0 if lq <= dispatch.ONE_PASS_MAX_ROWS else 1), ("fused", 1)):
+        calls.clear()
+        got = reweighted_attention(q, k, v, mask, SCALE, labels, rule.coefficients, impl=impl, base_out=lazy, **kw)
+        assert len(calls) == expect_calls, impl
+        _close(got, want, torch.float32)
+
+
 def test_unsupported_arguments() -> None:
     q, k, v, keep, labels = _inputs(4, 16)
     with pytest.raises(ValueError, match="CoefficientRule"):
@@ -280,7 +307,8 @@ def test_unsupported_arguments() -> None:
 
 
 def test_var_on_a_tiny_model_triton_equals_fused() -> None:
-    """VAR inside a real model (tiny LLaVA, GQA, 3 left-padded rows): logits and state counts agree."""
+    """VAR inside a real model (tiny LLaVA, GQA, 3 left-padded rows): logits, state counts and the decode
+    steps' logits (Triton: one pass with the base output) agree."""
     from helpers import batch_inputs, logits, real
     from test_var import VAR, Plant
 
@@ -299,11 +327,17 @@ def test_var_on_a_tiny_model_triton_equals_fused() -> None:
                 samples = handle.state["var"]["samples"]
                 counts = [int(samples[b][layer][key].sum()) for b in range(3) for layer in (2, 3)
                           for key in ("selected_rows", "eligible_rows")]  # fmt: skip
-                results[impl] = (out, counts)
+                with torch.no_grad():
+                    steps = model.generate(
+                        **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                        return_dict_in_generate=True, output_logits=True,
+                    ).logits  # fmt: skip
+                results[impl] = (out, counts, torch.stack(steps, 1))
     torch.testing.assert_close(
         results["triton"][0][real(inputs)], results["fused"][0][real(inputs)], atol=1e-5, rtol=0
     )
     assert results["triton"][1] == results["fused"][1] and sum(results["fused"][1]) > 0
+    torch.testing.assert_close(results["triton"][2], results["fused"][2], atol=1e-5, rtol=0)
 
 
 def test_kernels_compile_for_sm90() -> None:

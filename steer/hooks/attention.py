@@ -224,6 +224,7 @@ def steer_attention(
             else:
                 bias = value_ if bias is None else bias + value_
         base_lse = None
+        lazy_base: Callable[[], torch.Tensor] | None = None
         if changed:
             assert mask is not None  # built by the first mask edit that returned a value
             base = masked_attention(query, key, value, mask, bias, scale)
@@ -231,8 +232,15 @@ def steer_attention(
             # many rows to reweight: one fused pass gives the output and the log-sum-exp the merge needs
             base, base_lse = lse.attention_with_lse(query, key, value, mask, scale, causal=causal)
         else:
-            out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-            base = out.transpose(1, 2)
+
+            def backend_output() -> torch.Tensor:
+                out, _ = backend(
+                    module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+                )
+                return out.transpose(1, 2)
+
+            # a reweight may not need it: the Triton path computes decode rows and their base in one pass
+            lazy_base = backend_output
         if reweights:
             if len(reweights) > 1:
                 raise RuntimeError(
@@ -241,9 +249,12 @@ def steer_attention(
                 )
             if bias is not None:
                 raise NotImplementedError("GroupReweight together with an additive mask on one layer")
+            given = lazy_base if lazy_base is not None else base
             base = runtime.run_group_reweight(
-                reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base, base_lse, causal
+                reweights[0], context_for(reweights[0]), query, key, value, mask, scale, given, base_lse, causal
             )
+        elif lazy_base is not None:
+            base = lazy_base()
         out = base.transpose(1, 2)
     else:
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

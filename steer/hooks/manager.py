@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -288,13 +289,14 @@ class Runtime(HandleRuntime):
         value: torch.Tensor,
         mask: torch.Tensor | None,
         scale: float,
-        base: torch.Tensor,
+        base: torch.Tensor | Callable[[], torch.Tensor],
         base_lse: torch.Tensor | None = None,
         causal: bool = False,
     ) -> torch.Tensor:
-        """Apply ``edit`` to one layer's attention; ``base`` is the unedited output [B, H, Lq, D] (and
-        ``base_lse`` its log-sum-exp, when the caller has it). ``causal``: the mask is the causal triangle
-        (then ``mask`` is None and nobody builds it)."""
+        """Apply ``edit`` to one layer's attention; ``base`` is the unedited output [B, H, Lq, D], or the
+        function that computes it when needed (see ``reweighted_attention``), and ``base_lse`` its
+        log-sum-exp, when the caller has it. ``causal``: the mask is the causal triangle (then ``mask`` is
+        None and nobody builds it)."""
         from steer.kernels.dispatch import reweighted_attention
 
         ctx = self.context
@@ -325,7 +327,7 @@ class Runtime(HandleRuntime):
         if rows is not None:
             rows = rows.to(query.device)
             if not bool(rows.any()):
-                return base
+                return base() if callable(base) else base
         return reweighted_attention(
             query,
             key,

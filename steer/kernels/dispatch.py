@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["IMPLS", "forced_impl", "reweighted_attention"]
 
 IMPLS = ("auto", "fused", "reference", "triton")
+ONE_PASS_MAX_ROWS = 16  # query rows up to which the Triton path computes the base output itself (decode)
 
 _FORCED: list[str] = []
 
@@ -45,7 +46,7 @@ def reweighted_attention(
     coefficients: Coefficients,
     rows: Tensor | None = None,
     renormalize: bool = False,
-    base_out: Tensor | None = None,
+    base_out: Tensor | Callable[[], Tensor] | None = None,
     num_groups: int | None = None,
     impl: str = "auto",
     rule: CoefficientRule | None = None,
@@ -58,6 +59,12 @@ def reweighted_attention(
     ``c = coefficients(m)``; divided by ``Σ_g c_g m_g`` when ``renormalize``. Arguments and conventions as in
     :func:`steer.kernels.lse.group_reweight` (``causal`` too: the Triton kernel skips the key tiles past
     each row block's diagonal; no [Lq, Lk] mask is built unless every row is edited).
+
+    ``base_out`` may be a function that computes the caller's unedited output: it is called only if needed.
+    The Triton path does not need it for at most ``ONE_PASS_MAX_ROWS`` query rows (decode): it computes those
+    rows' plain and reweighted output in one pass over K and V, where the base output would cost a second one
+    (decode is memory-bound: two passes are two times SDPA). Unedited rows are then the kernel's plain attention
+    (equal to the backend's up to rounding) rather than a copy of the backend's output.
 
     ``impl``: ``"fused"`` (LSE merge, no probability tensor), ``"reference"`` (materialised probabilities;
     tests and tiny shapes), ``"triton"`` (the single-pass kernel of :mod:`steer.kernels.triton_group`; needs
@@ -73,12 +80,18 @@ def reweighted_attention(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto" and _FORCED:
         impl = _FORCED[-1]
+    lazy = base_out if callable(base_out) else None
     if impl == "triton" or (impl == "auto" and rule is not None and query.device.type == "cuda"):
+        if lazy is not None and query.shape[2] > ONE_PASS_MAX_ROWS:
+            base_out = lazy()
+        given = None if callable(base_out) else base_out
         out = _triton(
-            query, key, value, mask, scale, labels, rule, rows, renormalize, base_out, impl == "triton", causal
+            query, key, value, mask, scale, labels, rule, rows, renormalize, given, impl == "triton", causal
         )
         if out is not None:
             return out
+    if callable(base_out):
+        base_out = base_out()
     if impl == "reference":
         if causal:
             tri = causal_mask(query.shape[2], key.shape[2], query.device)
