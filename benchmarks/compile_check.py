@@ -93,13 +93,22 @@ def configs(which: str) -> list[tuple[str, object, torch.dtype, dict]]:
     var = dict(RULE=2, NACC=2, G_SV=1, G_ST=2, G_NV=3, D=128, BLOCK_D=128, REP=1, CAUSAL=False, HAS_MASK=True,
                HAS_BIAS=False, HAS_INDEX=True, HAS_EDIT=False, HAS_HS=False, RENORM=False, WRITE_SEL=True,
                SPLIT=False, BASE_ACC=True, UPCAST=False)  # fmt: skip
+    # decode: one pass with the base output (no BASE, rows flagged in place), KV split, then the combine
+    one = dict(var, SPLIT=True, BASE_ACC=False, HAS_INDEX=False, HAS_EDIT=True)
+    combine = dict(D=128, BLOCK_R=16, BLOCK_D=128, RULE=2, NACC=2, HAS_INDEX=False, HAS_EDIT=True, HAS_HS=False,
+                   RENORM=False, WRITE_SEL=True, BASE_ACC=False)  # fmt: skip
     out = [
         ("var prefill, gathered rows", kernels.group_attn_fwd, torch.bfloat16, dict(var, _rows=1024)),
-        ("var decode, split KV", kernels.group_attn_fwd, torch.bfloat16, dict(var, SPLIT=True, _rows=1)),
-        ("var decode, GQA 4", kernels.group_attn_fwd, torch.float16, dict(var, REP=4, SPLIT=True, _rows=4)),
-        ("combine, var", kernels.group_attn_combine, torch.bfloat16, {}),
+        ("var decode, one pass, split KV", kernels.group_attn_fwd, torch.bfloat16, dict(one, _rows=1)),
+        ("var decode, one pass, GQA 4", kernels.group_attn_fwd, torch.float16, dict(one, REP=4, _rows=4)),
+        ("combine, var one pass", kernels.group_attn_combine, torch.bfloat16, combine),
     ]
     if which == "all":
+        out += [
+            ("var decode, base given, split", kernels.group_attn_fwd, torch.bfloat16, dict(var, SPLIT=True, _rows=1)),
+            ("combine, var base given", kernels.group_attn_combine, torch.bfloat16,
+             dict(combine, HAS_INDEX=True, HAS_EDIT=False, BASE_ACC=True)),
+        ]  # fmt: skip
         const = dict(var, RULE=1, NACC=3, BASE_ACC=False, HAS_INDEX=False, HAS_EDIT=True, HAS_HS=True,
                      HAS_BIAS=True, RENORM=True, CAUSAL=True, WRITE_SEL=False)  # fmt: skip
         out += [
@@ -129,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
             const.update(BLOCK_M=block_m, BLOCK_N=block_n, IEEE=dtype == torch.float32)
             tile = f"{block_m}x{block_n} w{warps}"
         else:
-            const = dict(D=128, BLOCK_R=16, BLOCK_D=128, RULE=2, NACC=2, HAS_INDEX=True, HAS_EDIT=False,
-                         HAS_HS=False, RENORM=False, WRITE_SEL=True, BASE_ACC=True)  # fmt: skip
             warps, tile = 4, "16 rows w4"
         start = time.perf_counter()
         try:
