@@ -253,44 +253,52 @@ DECODE_LAUNCHES = [(None, 64, None), (4, 64, None), (8, 64, None), (16, 64, None
 
 
 def sweep(c: dict[str, Any], phase: str, prompt: int, repeats: int) -> list[dict[str, Any]]:
-    """Kernel-only time of each launch variant; the first row is the default (every knob None). Prefill: the
-    edited rows after the base output; decode: the one pass that also computes the base."""
+    """Each launch variant of the Triton kernel, the first row the default (every knob None, and the base
+    output as the dispatcher does it: given in prefill, computed in the same pass in decode). ``kernel_ms`` is
+    the kernel alone, ``layer_ms`` adds the SDPA pass for the base output where the variant takes it, and
+    ``over_default`` / ``over_sdpa`` compare ``layer_ms``. One variant flips the base: prefill in one pass,
+    decode with the base given (two passes), to check the dispatcher's choice."""
     device = c["q"].device.type
-    base = None if c["q"].shape[2] <= ONE_PASS_MAX_ROWS else sdpa(c)  # as the dispatcher: decode in one pass
+    one_pass_default = c["q"].shape[2] <= ONE_PASS_MAX_ROWS
+    base = sdpa(c)
+    sdpa_ms = time_ms(lambda: sdpa(c), device, repeats)
     causal = c["causal"] and c["q"].shape[2] == c["k"].shape[2]
 
-    def kernel(**launch: Any) -> torch.Tensor:
+    def kernel(one_pass: bool = one_pass_default, **launch: Any) -> torch.Tensor:
         out = triton_group.triton_group_attention(
             c["q"], c["k"], c["v"], c["labels"], scale=c["scale"], rule=c["rule"],
-            mask=None if causal else c["mask"], causal=causal, rows=c["rows"], base_out=base, **launch,
+            mask=None if causal else c["mask"], causal=causal, rows=c["rows"],
+            base_out=None if one_pass else base, **launch,
         )  # fmt: skip
         assert isinstance(out, torch.Tensor)
         return out
 
+    variants: list[dict[str, Any]] = [{}]
     if phase == "prefill":
-        variants = [{}] + [dict(block_m=m, block_n=n, num_warps=w) for m, n, w in PREFILL_TILES]
+        variants += [dict(block_m=m, block_n=n, num_warps=w) for m, n, w in PREFILL_TILES]
     else:
-        variants = [{}] + [dict(num_splits=s, block_n=n, num_warps=w) for s, n, w in DECODE_LAUNCHES]
+        variants += [dict(num_splits=s, block_n=n, num_warps=w) for s, n, w in DECODE_LAUNCHES]
+    variants.append({"one_pass": not one_pass_default})
     with torch.no_grad():
         want = kernel().float()
     rows: list[dict[str, Any]] = []
     for launch in variants:
-        row: dict[str, Any] = {
-            "case": f"{phase} {prompt}",
-            "sweep": True,
-            **{k: v for k, v in launch.items()},
-        }
+        row: dict[str, Any] = {"case": f"{phase} {prompt}", "sweep": True, **launch}
+        row["one_pass"] = launch.get("one_pass", one_pass_default)
         try:
             with torch.no_grad():
                 row["max_abs_diff_default"] = (kernel(**launch).float() - want).abs().max().item()
             row["kernel_ms"] = time_ms(lambda launch=launch: kernel(**launch), device, repeats)
+            row["layer_ms"] = row["kernel_ms"] + (0.0 if row["one_pass"] else sdpa_ms)
+            row["over_sdpa"] = row["layer_ms"] / sdpa_ms
         except Exception as exc:  # a variant the compiler or the card refuses (shared memory, say)
             row["error"] = repr(exc)[:300]
         rows.append(row)
-    default = rows[0].get("kernel_ms")
+    default = rows[0].get("layer_ms")
     for row in rows:
-        if default and "kernel_ms" in row:
-            row["over_default"] = row["kernel_ms"] / default
+        row["sdpa_ms"] = sdpa_ms
+        if default and "layer_ms" in row:
+            row["over_default"] = row["layer_ms"] / default
     return rows
 
 
@@ -301,12 +309,14 @@ def print_sweep(rows: list[dict[str, Any]]) -> None:
             for k in ("block_m", "block_n", "num_warps", "num_splits")
             if row.get(k) is not None
         )
+        knobs = f"{'one pass' if row.get('one_pass') else 'base given'} {knobs or 'default tiles'}"
         if "error" in row:
-            print(f"  sweep {row['case']:<14} {knobs or 'default':<40} FAILED {row['error']}", flush=True)
+            print(f"  sweep {row['case']:<14} {knobs:<52} FAILED {row['error']}", flush=True)
         else:
             print(
-                f"  sweep {row['case']:<14} {knobs or 'default':<40} {row['kernel_ms']:8.3f} ms "
-                f"x{row.get('over_default', float('nan')):.2f} of default  |diff| {row['max_abs_diff_default']:.1e}",
+                f"  sweep {row['case']:<14} {knobs:<52} kernel {row['kernel_ms']:8.3f} ms  layer/SDPA "
+                f"{row['over_sdpa']:5.2f}  x{row.get('over_default', float('nan')):.2f} of default  "
+                f"|diff| {row['max_abs_diff_default']:.1e}",
                 flush=True,
             )
 
@@ -396,7 +406,9 @@ def run_sweep(
     if device != "cuda" and not triton_group.interpreting():
         print("# sweep: needs CUDA (or TRITON_INTERPRET=1); skipped")
         return []
-    print("# sweep: Triton kernel alone (after the base output), launch parameters against the default")
+    print(
+        "# sweep: Triton launch variants; layer = kernel (+ SDPA where the base is given), against SDPA and the default"
+    )
     order = sorted(cases, key=lambda case: (case[1] != 4096, case[0] != "prefill", case[1]))
     rows: list[dict[str, Any]] = []
     for phase, prompt, q_len in order:

@@ -83,8 +83,18 @@ def test_group_kernels_sweep_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     rows = [r for r in bench.main([*argv, "--json", str(out)]) if r.get("sweep")]  # type: ignore[attr-defined]
     prefill = [r for r in rows if r["case"] == "prefill 48"]
     decode = [r for r in rows if r["case"] == "decode 48"]
-    assert len(prefill) == 1 + len(bench.PREFILL_TILES) and len(decode) == 1 + len(bench.DECODE_LAUNCHES)
+    assert len(prefill) == 2 + len(bench.PREFILL_TILES) and len(decode) == 2 + len(bench.DECODE_LAUNCHES)
     assert "block_m" not in prefill[0] and prefill[0]["over_default"] == 1.0
+    # the dispatcher's choice first (prefill: base given, decode: one pass), the other one last
+    assert [
+        prefill[0]["one_pass"],
+        prefill[-1]["one_pass"],
+        decode[0]["one_pass"],
+        decode[-1]["one_pass"],
+    ] == [False, True, True, False]
+    assert (
+        prefill[0]["layer_ms"] > prefill[0]["kernel_ms"] and decode[0]["layer_ms"] == decode[0]["kernel_ms"]
+    )
     failed = [r for r in prefill if "error" in r]
     assert len(failed) == 1 and failed[0]["block_m"] == 128
     for row in prefill + decode:
