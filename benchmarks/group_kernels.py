@@ -100,7 +100,7 @@ def make_case(
         "mask": mask.to(device),
         "rule": rule,
         "scale": head_dim**-0.5,
-        "causal": q_len > 1,
+        "causal": q_len > 1 and q_len == prompt,  # SDPA's is_causal; steer then passes no mask tensor
         "image": (start, n_img),
     }
 
@@ -120,7 +120,7 @@ def steered(c: dict[str, Any], impl: str = "auto") -> torch.Tensor:
     """What steer's attention function does for an edited layer: on CPU with many rows, one fused pass that
     returns the output and its log-sum-exp; otherwise the plain backend output."""
     base_lse = None
-    causal = c["causal"] and c["q"].shape[2] == c["k"].shape[2]  # SDPA's is_causal: no mask tensor at all
+    causal = c["causal"]
     mask = None if causal else c["mask"]
     base: torch.Tensor | Callable[[], torch.Tensor]
     if c["q"].device.type == "cpu" and c["q"].shape[2] > MATH_MAX_ROWS:
@@ -262,7 +262,7 @@ def sweep(c: dict[str, Any], phase: str, prompt: int, repeats: int) -> list[dict
     one_pass_default = c["q"].shape[2] <= ONE_PASS_MAX_ROWS
     base = sdpa(c)
     sdpa_ms = time_ms(lambda: sdpa(c), device, repeats)
-    causal = c["causal"] and c["q"].shape[2] == c["k"].shape[2]
+    causal = c["causal"]
 
     def kernel(one_pass: bool = one_pass_default, **launch: Any) -> torch.Tensor:
         out = triton_group.triton_group_attention(
@@ -385,14 +385,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print_row(row)
         row.update(shape)
         results.append(row)
-        if args.json:  # row by row: a run stopped at its time limit keeps what it measured
-            with args.json.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        append_json(args.json, [row])
         if device == "cuda":
             torch.cuda.empty_cache()
     if args.sweep:
         results += run_sweep(cases, args, kv_heads, dtype, device)
     return results
+
+
+def append_json(path: Path | None, rows: list[dict[str, Any]]) -> None:
+    """Append `rows` to `path` as JSON lines (nothing without a path): called per case, so that a run stopped
+    at its time limit keeps what it measured."""
+    if path is not None:
+        with path.open("a") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def run_sweep(
@@ -419,10 +425,7 @@ def run_sweep(
         except Exception as exc:
             found = [{"case": f"{phase} {prompt}", "sweep": True, "error": repr(exc)[:300]}]
         print_sweep(found)
-        if args.json:
-            with args.json.open("a") as fh:
-                for row in found:
-                    fh.write(json.dumps(row) + "\n")
+        append_json(args.json, found)
         rows += found
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -112,10 +112,7 @@ def bool_mask(
         return (k <= q)[None, None].expand(batch, 1, q_len, k_len)
     if isinstance(attention_mask, torch.Tensor):
         if attention_mask.dim() == 2:  # flash: padding mask [B, Lk]
-            q = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-            k = torch.arange(k_len, device=device)[None, :]
-            causal = (k <= q)[None, None]
-            return causal & attention_mask.bool()[:, None, None, :k_len]
+            return lse.causal_mask(q_len, k_len, device) & attention_mask.bool()[:, None, None, :k_len]
         mask = attention_mask[..., :k_len]
         if mask.dtype == torch.bool:
             return mask
@@ -224,7 +221,7 @@ def steer_attention(
             else:
                 bias = value_ if bias is None else bias + value_
         base_lse = None
-        lazy_base: Callable[[], torch.Tensor] | None = None
+        base: torch.Tensor | Callable[[], torch.Tensor]
         if changed:
             assert mask is not None  # built by the first mask edit that returned a value
             base = masked_attention(query, key, value, mask, bias, scale)
@@ -240,7 +237,7 @@ def steer_attention(
                 return out.transpose(1, 2)
 
             # a reweight may not need it: the Triton path computes decode rows and their base in one pass
-            lazy_base = backend_output
+            base = backend_output if reweights else backend_output()
         if reweights:
             if len(reweights) > 1:
                 raise RuntimeError(
@@ -249,12 +246,10 @@ def steer_attention(
                 )
             if bias is not None:
                 raise NotImplementedError("GroupReweight together with an additive mask on one layer")
-            given = lazy_base if lazy_base is not None else base
             base = runtime.run_group_reweight(
-                reweights[0], context_for(reweights[0]), query, key, value, mask, scale, given, base_lse, causal
+                reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base, base_lse, causal
             )
-        elif lazy_base is not None:
-            base = lazy_base()
+        assert isinstance(base, torch.Tensor)  # a function only until the reweight has run
         out = base.transpose(1, 2)
     else:
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

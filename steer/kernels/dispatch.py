@@ -80,10 +80,9 @@ def reweighted_attention(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto" and _FORCED:
         impl = _FORCED[-1]
-    lazy = base_out if callable(base_out) else None
     if impl == "triton" or (impl == "auto" and rule is not None and query.device.type == "cuda"):
-        if lazy is not None and query.shape[2] > ONE_PASS_MAX_ROWS:
-            base_out = lazy()
+        if callable(base_out) and query.shape[2] > ONE_PASS_MAX_ROWS:
+            base_out = base_out()
         given = None if callable(base_out) else base_out
         out = _triton(
             query, key, value, mask, scale, labels, rule, rows, renormalize, given, impl == "triton", causal
