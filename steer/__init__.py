@@ -6,10 +6,12 @@
 """
 
 from steer import edits
-from steer import methods as _builtin_methods  # noqa: F401  (registers them; the name is rebound below)
 from steer.api import apply, methods  # `steer.methods` is the function; the package stays importable
+from steer.backends.lifecycle import Steering
 from steer.errors import (
     AlreadySteeredError,
+    ImageLayoutError,
+    IncompatibleMethodsError,
     InvalidParameterError,
     MissingImageTokensError,
     SteerError,
@@ -17,8 +19,8 @@ from steer.errors import (
     SteerInputError,
     UnknownMethodError,
     UnsupportedModelError,
+    VisionPruningError,
 )
-from steer.hooks.manager import Steering
 from steer.recipe_files import Recipe, recipe
 from steer.registry import Method, param, register
 
@@ -26,6 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadySteeredError",
+    "ImageLayoutError",
+    "IncompatibleMethodsError",
     "InvalidParameterError",
     "Method",
     "MissingImageTokensError",
@@ -36,6 +40,7 @@ __all__ = [
     "SteerInputError",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "VisionPruningError",
     "apply",
     "edits",
     "methods",

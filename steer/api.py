@@ -1,4 +1,9 @@
-"""The front door: `apply`, `methods`, `recipe`."""
+"""The front door: `apply`, `methods`, `recipe`.
+
+``apply`` turns names and recipes into method instances (parameters validated, model facts from the
+backend's adapter), checks the set (families, artifacts, order), collects their edits and hands them to the
+backend, which installs them and returns the handle.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,13 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Union
 
-from torch import nn
-
-from steer.adapters import adapter_for
-from steer.edits import Edit
-from steer.errors import AlreadySteeredError, InvalidParameterError, UnsupportedModelError
-from steer.hooks.manager import Runtime, Steering
+import steer.methods  # noqa: F401  (registers the built-in methods)
+from steer.edits.kinds import Edit
+from steer.errors import AlreadySteeredError, IncompatibleMethodsError, InvalidParameterError, UnsupportedModelError
 from steer.recipe_files import Recipe, recipe
 from steer.registry import STAGES, Method, describe_params, get_method, registered, resolve_params
 
 MethodSpec = Union[str, Recipe, Edit, Sequence[Union[str, Recipe, Edit]]]
-
-
-def _is_pipeline(obj: Any) -> bool:
-    return hasattr(obj, "unet") or hasattr(obj, "transformer") and hasattr(obj, "scheduler")
 
 
 def _split_spec(spec: MethodSpec) -> tuple[list[tuple[str, dict[str, Any]]], list[Edit]]:
@@ -70,23 +68,48 @@ def _distribute_params(
     return merged
 
 
-def apply(target: nn.Module, method: MethodSpec, **params: Any) -> Steering:
+def check_artifacts(instances: Sequence[Method], already: Sequence[Method] = ()) -> None:
+    """Refuse a set of methods whose artifacts do not line up (:class:`IncompatibleMethodsError`).
+
+    An artifact is published during the call before the language model runs (the backend orders the edit
+    kinds), so consumers see it whatever their stage. Refused: a method that ``requires`` an artifact nobody
+    provides, and a method that ``uses`` a fact another method's artifact invalidates without consuming it.
+    ``already``: methods active on the target from earlier handles.
+    """
+    everyone = [*already, *instances]
+    for method in instances:
+        for kind in method.requires:
+            if not any(kind in other.provides for other in everyone if other is not method):
+                raise IncompatibleMethodsError(
+                    f"{method.name} needs {kind.__name__}, which none of the applied methods provides"
+                )
+    for method in everyone:
+        for other in everyone:
+            if other is method or (method not in instances and other not in instances):
+                continue
+            for kind in other.provides:
+                broken = [fact for fact in kind.invalidates if fact in method.uses]
+                if broken and kind not in method.consumes:
+                    raise IncompatibleMethodsError(
+                        f"{other.name} provides {kind.__name__}, which changes the {broken[0].replace('_', ' ')} "
+                        f"{method.name} relies on, and {method.name} cannot read it; apply them separately"
+                    )
+
+
+def apply(target: Any, method: MethodSpec, **params: Any) -> Any:
     """Steer ``target`` in place and return the :class:`Steering` handle (also a context manager).
 
     ``method``: a registered method name, a recipe (`steer.recipe`), a low-level edit (`steer.edits`),
     or a list of those (composed; methods are ordered by stage: input, vision, attention, residual,
     logits). ``params`` override the method's defaults; with several methods pass ``name={...}`` per
     method or parameter names that only one of them has. Applying a method that is already active on
-    the model raises :class:`AlreadySteeredError`; different methods and further handles compose.
+    the target raises :class:`AlreadySteeredError`; different methods and further handles compose.
     """
-    if _is_pipeline(target):
-        # diffusers pipelines: StableDiffusionPipeline / StableDiffusionXLPipeline go to the plugin, which raises
-        # UnsupportedModelError naming the supported pipelines for any other one.
-        from steer.diffusers.plugin import apply_pipeline
+    from steer.backends import backend_for
 
-        return apply_pipeline(target, method, **params)
-    adapter = adapter_for(target)
-    named, edits = _split_spec(method)
+    backend = backend_for(target)
+    adapter = backend.adapter(target)  # raises UnsupportedModelError naming the supported classes
+    named, raw_edits = _split_spec(method)
     names = [n for n, _ in named]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -95,53 +118,65 @@ def apply(target: nn.Module, method: MethodSpec, **params: Any) -> Steering:
     if params and not named:
         raise InvalidParameterError("parameters were given but no method name to apply them to")
     merged = _distribute_params(named, classes, params)
-
-    runtime = Runtime.of(target)
-    if runtime is not None:
-        active = {m: h for h in runtime.handles for m in h.methods}
-        clash = [n for n in names if n in active]
-        if clash:
-            raise AlreadySteeredError(
-                f"{', '.join(clash)} is already applied to this model ({active[clash[0]]!r}). Remove that handle "
-                "first (handle.remove()), or apply different methods: they compose."
+    family = getattr(adapter, "family", "")
+    for name, cls in classes.items():
+        if cls.target != backend.kind or (cls.families is not None and family not in cls.families):
+            supported = ", ".join(cls.families or ()) or f"every {cls.target} family"
+            raise UnsupportedModelError(
+                f"{name} does not support {family} ({type(target).__name__}); it supports {supported}"
             )
 
+    active = backend.active_methods(target)
+    clash = [n for n in names if n in active]
+    if clash:
+        raise AlreadySteeredError(
+            f"{', '.join(clash)} is already applied to this model ({active[clash[0]]!r}). Remove that handle "
+            "first (handle.remove()), or apply different methods: they compose."
+        )
+
+    info = backend.info(adapter)
     order = sorted(names, key=lambda n: STAGES.index(classes[n].stage))
     resolved: dict[str, dict[str, Any]] = {}
     state: dict[str, Any] = {}
-    all_edits: list[Edit] = []
-    needing_images: list[str] = []
+    instances: list[Method] = []
     for name in order:
-        cls = classes[name]
-        if adapter.family not in cls.families:
-            raise UnsupportedModelError(
-                f"{name} does not support {adapter.family} ({type(target).__name__}); it supports "
-                f"{', '.join(cls.families)}"
-            )
-        p = resolve_params(cls, merged[name])
-        state[name] = {}
-        instance = cls(p, adapter, state[name])
+        instance = classes[name](resolve_params(classes[name], merged[name]), info, {})
+        instance.params = instance.resolve()
         instance.check()
-        resolved[name] = dataclasses.asdict(p)
-        if instance.is_noop():
-            continue
-        all_edits.extend(instance.edits())
-        if instance.needs_image_tokens:  # a method may need them only in some settings
-            needing_images.append(name)
-    all_edits.extend(edits)
-    handle = Steering(target, adapter, all_edits, resolved, state, tuple(needing_images))
+        resolved[name] = dataclasses.asdict(instance.params)
+        state[name] = instance.state
+        instances.append(instance)
+    running = [m for m in instances if not m.is_noop()]
+    others = [m for h in {id(h): h for h in active.values()}.values() for m in getattr(h, "instances", [])]
+    check_artifacts(running, others)
+
+    all_edits: list[Edit] = []
+    for instance in running:
+        instance.state.update(instance.initial_state())
+        for edit in instance.edits():
+            edit.owner = instance.name
+            all_edits.append(edit)
+    all_edits.extend(raw_edits)
+    backend.check(adapter, all_edits, running)
+    handle = backend.handle(target, adapter, all_edits, resolved, state, running)
+    handle.instances = running
     return handle.install()
 
 
 def methods() -> list[dict[str, Any]]:
     """Every registered method: name, one-line description, supported families, stage and parameters."""
+    from steer.adapters import FAMILIES
+
+    pipeline_families = ("sd", "sdxl")
     out = []
     for name, cls in sorted(registered().items()):
+        every = FAMILIES if cls.target == "vlm" else pipeline_families
         out.append(
             {
                 "name": name,
                 "description": cls.description,
-                "families": list(cls.families),
+                "families": list(cls.families or every),
+                "target": cls.target,
                 "stage": cls.stage,
                 "needs_image_tokens": cls.needs_image_tokens,
                 "params": describe_params(cls.Params),
@@ -150,4 +185,4 @@ def methods() -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["apply", "methods", "recipe"]
+__all__ = ["apply", "check_artifacts", "methods", "recipe"]

@@ -37,3 +37,18 @@ class AlreadySteeredError(SteerError, RuntimeError):
 
 class SteeringRemovedError(SteerError, RuntimeError):
     """A handle was used after `remove()`."""
+
+
+class ImageLayoutError(SteerError, ValueError):
+    """The image tokens of a prompt cannot be laid out as the grids a method needs (placeholders and images do
+    not match, a grid the family cannot give, a chunked prefill that splits an image)."""
+
+
+class VisionPruningError(SteerError, ValueError):
+    """Visual tokens cannot be pruned for this call: the prompt's image placeholders do not match the images,
+    or the inputs cannot be shortened."""
+
+
+class IncompatibleMethodsError(SteerError, ValueError):
+    """Methods that cannot run together as given: one needs an artifact no other provides, consumes one that
+    comes later, or relies on a fact another method's artifact invalidates."""

@@ -1,9 +1,11 @@
 """The method registry: a method is a named declaration of edits with validated parameters.
 
 A method subclasses :class:`Method`, gives its parameters as a dataclass (defaults from the paper; ranges
-and choices in field metadata), and turns resolved parameters into edits in :meth:`Method.edits`.
+and choices in field metadata), and turns resolved parameters into edits in :meth:`Method.edits`. It sees
+the model only as facts (:class:`~steer.edits.facts.ModelInfo`, or a pipeline's info), never a module.
 Register with ``@register``; third-party packages register through the ``steer.methods`` entry point
-(the entry point loads a module or a `Method` subclass).
+(the entry point loads a module or a `Method` subclass). The registry imports no method: `steer.api`
+imports the built-in ones.
 """
 
 from __future__ import annotations
@@ -15,13 +17,9 @@ from dataclasses import MISSING, dataclass, field, fields
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from steer.edits import Edit
+from steer.edits.artifacts import Artifact
+from steer.edits.kinds import Edit
 from steer.errors import InvalidParameterError, UnknownMethodError
-
-if typing.TYPE_CHECKING:
-    from steer.adapters.base import Adapter
-
-ALL_FAMILIES = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl")
 
 
 def param(
@@ -42,23 +40,46 @@ def param(
 class Method:
     """Base class of a registered method.
 
-    Class attributes: ``name``, ``description`` (one line), ``families``, ``stage`` (input, vision,
-    attention, residual, logits: the composition order), ``Params`` (a dataclass), and
-    ``needs_image_tokens``. An instance holds the resolved params, the model's adapter and the handle's
-    state dict for this method (``Steering.state[name]``).
+    Class attributes:
+
+    - ``name``, ``description`` (one line), ``Params`` (a dataclass of validated parameters);
+    - ``target``: ``"vlm"`` (a vision-language model) or ``"pipeline"`` (a diffusers pipeline); ``families``:
+      the families it supports, None = every family of its target (unsupported settings are refused in
+      :meth:`check` with a typed error);
+    - ``stage`` (input, vision, attention, residual, logits: the composition order);
+    - ``needs_image_tokens``: every prompt row must hold image tokens; ``whole_prefill``: image blocks must not be
+      split over several prefill calls;
+    - ``provides`` / ``consumes`` / ``requires``: artifact types it publishes / reads when another method
+      publishes them / cannot run without; ``uses``: facts it relies on (an artifact that invalidates one of
+      them must be consumed).
+
+    An instance holds the resolved params, the model's facts (``model``: a
+    :class:`~steer.edits.facts.ModelInfo` for VLMs) and the handle's state dict for this method
+    (``Steering.state[name]``). Lifecycle at ``steer.apply``: :meth:`resolve` (fill model-dependent defaults),
+    :meth:`check`, :meth:`is_noop`, :meth:`initial_state`, :meth:`edits`; none of them touches the model.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    families: ClassVar[tuple[str, ...]] = ALL_FAMILIES
+    target: ClassVar[str] = "vlm"
+    families: ClassVar[tuple[str, ...] | None] = None
     stage: ClassVar[str] = "attention"
     needs_image_tokens: ClassVar[bool] = False
+    whole_prefill: ClassVar[bool] = False
+    provides: ClassVar[tuple[type[Artifact], ...]] = ()
+    consumes: ClassVar[tuple[type[Artifact], ...]] = ()
+    requires: ClassVar[tuple[type[Artifact], ...]] = ()
+    uses: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type] = dataclass(type("NoParams", (), {}))
 
-    def __init__(self, params: Any, adapter: Adapter, state: dict[str, Any]) -> None:
+    def __init__(self, params: Any, model: Any, state: dict[str, Any]) -> None:
         self.params = params
-        self.adapter = adapter
+        self.model = model
         self.state = state
+
+    def resolve(self) -> Any:
+        """The parameters with model-dependent defaults filled in (a new Params; default: unchanged)."""
+        return self.params
 
     def check(self) -> None:
         """Validate the params against the model (layer indices, head indices...); raise InvalidParameterError."""
@@ -66,6 +87,14 @@ class Method:
     def is_noop(self) -> bool:
         """True when the parameters make the method the identity (then nothing is installed)."""
         return False
+
+    def image_tokens_needed(self) -> bool:
+        """Whether every prompt row must hold image tokens with these parameters (default: the class's flag)."""
+        return self.needs_image_tokens
+
+    def initial_state(self) -> dict[str, Any]:
+        """What ``Steering.state[name]`` holds before the first call (resolved settings)."""
+        return {}
 
     def edits(self) -> list[Edit]:
         raise NotImplementedError
@@ -100,13 +129,8 @@ def _load_entry_points() -> None:
             register(obj)
 
 
-def _load_builtin() -> None:
-    import steer.diffusers.methods  # noqa: F401  (registers the pipeline methods; does not import diffusers)
-    import steer.methods  # noqa: F401  (registers the built-in methods)
-
-
 def registered() -> dict[str, type[Method]]:
-    _load_builtin()
+    """Every registered method by name (built-in ones once `steer.methods` is imported, as `steer` does)."""
     _load_entry_points()
     return dict(_REGISTRY)
 

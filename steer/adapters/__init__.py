@@ -1,24 +1,32 @@
-"""Model-family adapters: where things are in each supported model class."""
+"""Model-family adapters: the site table and the facts of each supported model class (one module per family)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from steer.adapters.base import Adapter
-from steer.adapters.families import (
-    ADAPTERS,
-    LlavaAdapter,
-    LlavaNextAdapter,
-    Qwen2_5_VLAdapter,
-    Qwen2VLAdapter,
-)
+from steer.adapters.llava import LlavaAdapter
+from steer.adapters.llava_next import LlavaNextAdapter
+from steer.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from steer.errors import UnsupportedModelError
 
+#: Every adapter, in the order families are listed to users.
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+
+#: The supported vision-language families (``Adapter.family``), e.g. ``"llava-1.5"``.
 FAMILIES: tuple[str, ...] = tuple(a.family for a in ADAPTERS)
 
 
 def supported_classes() -> list[str]:
     return [name for a in ADAPTERS for name in a.model_classes]
+
+
+def adapter_class(family: str) -> type[Adapter]:
+    """The adapter of ``family`` (``"llava-1.5"``...); ``KeyError`` if unknown."""
+    for cls in ADAPTERS:
+        if cls.family == family:
+            return cls
+    raise KeyError(family)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -37,12 +45,14 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 __all__ = [
-    "Adapter",
+    "ADAPTERS",
     "FAMILIES",
+    "Adapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "Qwen2VLAdapter",
     "Qwen2_5_VLAdapter",
+    "adapter_class",
     "adapter_for",
     "supported_classes",
 ]

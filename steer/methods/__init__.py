@@ -1,10 +1,4 @@
-"""Built-in methods. Importing this package registers them."""
+"""Built-in methods: declarations over `steer.edits` (parameters, edits(), pure math). Importing this package
+registers them: `steer.methods.vlm` (vision-language models) and `steer.methods.diffusion` (pipelines)."""
 
-from steer.methods import (
-    cca,  # noqa: F401
-    fastervlm,  # noqa: F401
-    primitives,  # noqa: F401
-    var,  # noqa: F401
-    vhr,  # noqa: F401
-    vista,  # noqa: F401
-)
+from steer.methods import vlm  # noqa: F401

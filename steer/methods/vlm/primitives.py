@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from steer.edits import Edit, GroupReweight, HeadScale
+from steer.edits.kinds import Edit, GroupReweight, HeadScale
 from steer.errors import InvalidParameterError
 from steer.registry import Method, param, register
 
@@ -41,12 +41,12 @@ class ScaleHeads(Method):
         layers: list[int] | None = param(None, help="decoder layer indices; None = every layer")
 
     def check(self) -> None:
-        _check_layers(self.name, self.params.layers, self.adapter.num_layers)
+        _check_layers(self.name, self.params.layers, self.model.num_layers)
         for head in self.params.heads or []:
-            if not 0 <= head < self.adapter.num_heads:
+            if not 0 <= head < self.model.num_heads:
                 raise InvalidParameterError(
-                    f"scale_heads: head {head} does not exist; the model has {self.adapter.num_heads} query heads "
-                    f"(valid: 0..{self.adapter.num_heads - 1})"
+                    f"scale_heads: head {head} does not exist; the model has {self.model.num_heads} query heads "
+                    f"(valid: 0..{self.model.num_heads - 1})"
                 )
 
     def is_noop(self) -> bool:
@@ -73,7 +73,7 @@ class ImageAttention(Method):
         layers: list[int] | None = param(None, help="decoder layer indices; None = every layer")
 
     def check(self) -> None:
-        _check_layers(self.name, self.params.layers, self.adapter.num_layers)
+        _check_layers(self.name, self.params.layers, self.model.num_layers)
 
     def is_noop(self) -> bool:
         return self.params.scale == 1.0

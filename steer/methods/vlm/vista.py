@@ -27,18 +27,11 @@ position, prefill and decode:
       S_k = lm_head(N(h_k))   (k < L-1; N = identity or the final norm),   S_{L-1} = f
       f'  = f + γ · (mean_{k∈W} S_k - f)  =  (1-γ) · f + γ · mean_{k∈W} S_k      (fp32, raw logits)
 
-How it reaches the model (core edits only):
-
-- a ``ModuleHook`` pre-hook on the top-level model notes ``logits_to_keep`` (which positions ``lm_head``
-  projects) for SLA;
-- a ``ModuleHook`` pre-hook on the text model runs the positive and the negative auxiliary passes once per
-  prefill, under ``runtime.disabled()`` with ``no_grad`` and no cache (the negative rows are VHR's no-image
-  rows: :func:`steer.methods.vhr.strip_image_tokens` and VHR's text-only positions, M-RoPE included);
-- ``ModuleHook`` forward hooks on every block with ``in_aux=True`` capture ``h_ℓ`` at the last real token
-  inside VISTA's own auxiliary passes (and apply ``mode="residual"`` in the real pass);
-- ``ModuleHook`` forward hooks on every block's MLP apply ``mode="mlp"``;
-- ``ModuleHook`` forward hooks on the window blocks keep ``h_k`` at the projected positions, and a
-  ``LogitsTransform`` mixes the logits (window projections run under a re-entrancy guard).
+Edits: two :class:`~steer.edits.kinds.SourceRun` s (the prefill's own inputs, unsteered, and the adapter's
+text-only variant of the prompt) with a :class:`~steer.edits.kinds.Collect` of every block's output at the
+last real token in each; a :class:`~steer.edits.kinds.Transform` on every MLP output (``mode="mlp"``) or block
+output (``mode="residual"``); for SLA a :class:`~steer.edits.kinds.Collect` of the window blocks' logit lens
+(``layer.logits``, at the positions ``lm_head`` projects) and a :class:`~steer.edits.kinds.LogitsTransform`.
 
 ``Steering.state["vista"]`` (rows are the model's batch rows, beams and return sequences included)::
 
@@ -54,25 +47,20 @@ prefill and the decode steps (``generate`` does, beams included).
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from steer.edits import Edit, EditContext, LogitsTransform, ModuleHook
+from steer.edits.context import EditContext
+from steer.edits.kinds import Collect, Edit, LogitsTransform, SourceRun, Transform
 from steer.errors import InvalidParameterError
-from steer.methods.vhr import VHR, last_positions
 from steer.registry import Method, param, register
 
-if TYPE_CHECKING:
-    from steer.adapters.base import Adapter
-
 EPS = 1e-12
-_AUX_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,27 +172,6 @@ def augment_logits(f: torch.Tensor, window_logits: Iterable[torch.Tensor], gamma
     return (base + gamma * (total / count - base)).to(f.dtype)
 
 
-def prompt_mask(mask: Any, width: int) -> Any:
-    """The prefill's attention mask restricted to the prompt's ``width`` keys (a static cache's 2-D or 4-D
-    mask spans the whole cache); other masks (None, dicts) are returned unchanged."""
-    if isinstance(mask, torch.Tensor) and mask.dim() in (2, 4) and mask.shape[-1] > width:
-        return mask[..., :width]
-    return mask
-
-
-def padding_of(mask: Any, batch: int, width: int) -> torch.Tensor | None:
-    """bool [B, T] (True = real token) from a prefill mask: a 2-D padding mask as is; a 4-D mask (bool =
-    may attend, float = 0 where allowed) from its last query row, which sees every real prompt token."""
-    if not isinstance(mask, torch.Tensor):
-        return None
-    if mask.dim() == 2 and tuple(mask.shape) == (batch, width):
-        return mask.bool()
-    if mask.dim() == 4 and mask.shape[-1] == width and mask.shape[0] in (1, batch):
-        allowed = mask if mask.dtype == torch.bool else mask == 0
-        return allowed[:, 0, -1, :].expand(batch, width)
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------
 # the method
 
@@ -217,7 +184,7 @@ class VISTA(Method):
         "(VSV, strength lam) and mix in logits read from the blocks below the last (SLA, weight gamma)."
     )
     stage = "residual"
-    needs_image_tokens = True  # per instance: only when VSV is on
+    needs_image_tokens = True  # per instance: only when VSV is on (image_tokens_needed)
 
     @dataclass
     class Params:
@@ -240,12 +207,6 @@ class VISTA(Method):
         enable_vsv: bool = param(True, help="turn the visual steering vector on")
         enable_sla: bool = param(True, help="turn self-logits augmentation on")
 
-    def __init__(self, params: Any, adapter: Adapter, state: dict[str, Any]) -> None:
-        super().__init__(params, adapter, state)
-        self._key = ("vista", id(self))
-        self.needs_image_tokens = self.vsv_on  # type: ignore[misc]  # instance override of the ClassVar
-        self._negative_rows = VHR(VHR.Params(), adapter, {})  # VHR's no-image rows and text-only positions
-
     # ---- parameters -------------------------------------------------------------------------------
     @property
     def vsv_on(self) -> bool:
@@ -257,7 +218,7 @@ class VISTA(Method):
 
     @property
     def num_layers(self) -> int:
-        return self.adapter.num_layers
+        return int(self.model.num_layers)
 
     @property
     def window(self) -> tuple[int, int]:
@@ -265,6 +226,9 @@ class VISTA(Method):
 
     def check(self) -> None:
         check_window(self.params.window, self.num_layers)
+
+    def image_tokens_needed(self) -> bool:
+        return self.vsv_on
 
     def is_noop(self) -> bool:
         if self.vsv_on or self.sla_on:
@@ -277,127 +241,57 @@ class VISTA(Method):
         )
         return True
 
+    def initial_state(self) -> dict[str, Any]:
+        p = self.params
+        return {
+            "vsv": self.vsv_on,
+            "sla": self.sla_on,
+            "mode": p.mode,
+            "lam": p.lam,
+            "gamma": p.gamma,
+            "window": list(self.window) if self.sla_on else None,
+            "final_norm": p.final_norm,
+            "num_layers": self.num_layers,
+        }
+
     def edits(self) -> list[Edit]:
         p = self.params
         last = self.num_layers - 1
-        self.state.clear()
-        self.state.update(
-            vsv=self.vsv_on,
-            sla=self.sla_on,
-            mode=p.mode,
-            lam=p.lam,
-            gamma=p.gamma,
-            window=list(self.window) if self.sla_on else None,
-            final_norm=p.final_norm,
-            num_layers=self.num_layers,
-        )
         out: list[Edit] = []
         if self.vsv_on:
-            out.append(ModuleHook(module=lambda a: a.text_model, fn=self._before_text_model, pre=True))
-            for layer in range(self.num_layers):
-                out.append(
-                    ModuleHook(
-                        # mypy cannot infer the type of a lambda that binds the loop variable as a default
-                        module=lambda a, layer=layer: a.decoder_layers[layer],  # type: ignore[misc]
-                        fn=self._block_hook(layer),
-                        in_aux=True,
-                    )
-                )
+            out += [
+                SourceRun(name="pos", inputs="same"),
+                SourceRun(name="neg", inputs="text_only"),
+                Collect(name="pos", site="layer.out", select="last", runs=("pos",), fn=_capture),
+                Collect(name="neg", site="layer.out", select="last", runs=("neg",), fn=_capture),
+            ]
             if p.mode == "mlp":
-                for layer in range(self.num_layers):
-                    out.append(
-                        ModuleHook(
-                            # mypy cannot infer the type of a lambda that binds the loop variable as a default
-                            module=lambda a, layer=layer: a.decoder_layers[layer].mlp,  # type: ignore[misc]
-                            fn=self._mlp_hook(layer),
-                        )
-                    )
+                out.append(Transform(site="layer.mlp.out", layers="all", fn=self._mlp))
+            else:
+                out.append(Transform(site="layer.out", layers="all", fn=self._residual))
         if self.sla_on:
             start, end = self.window
-            out.append(ModuleHook(module=lambda a: a.model, fn=self._before_model, pre=True))
-            for layer in range(start, min(end, last - 1) + 1):
-                out.append(
-                    ModuleHook(
-                        # mypy cannot infer the type of a lambda that binds the loop variable as a default
-                        module=lambda a, layer=layer: a.decoder_layers[layer],  # type: ignore[misc]
-                        fn=self._window_hook(layer),
-                    )
-                )
+            window = list(range(start, min(end, last - 1) + 1))
+            if window:
+                site = "layer.logits.normed" if p.final_norm else "layer.logits"
+                out.append(Collect(name="window", site=site, layers=window, select="kept"))
             out.append(LogitsTransform(fn=self._mix_logits))
         return out
 
-    # ---- per-call state ---------------------------------------------------------------------------
-    def _shared(self, ectx: EditContext) -> dict[str, Any]:
-        """State of this call (one `generate` or forward): reset at every prefill with the context."""
-        return ectx.forward.scratch.setdefault(self._key, {})
+    # ---- steps 1-2: the vector (once per prefill, from the two auxiliary runs) ----------------------
+    def _vectors(self, ectx: EditContext) -> dict[str, list[torch.Tensor]] | None:
+        return ectx.once("vsv", lambda: self._compute_vectors(ectx))
 
-    # ---- steps 1-2: auxiliary passes and the vector -------------------------------------------------
-    def negative_inputs(self, ectx: EditContext, padding: torch.Tensor | None = None) -> dict[str, Any]:
-        """Text-model inputs of the negative rows: the prompt without image tokens (Qwen: with its vision
-        delimiters), embedded, re-padded on the left, with text-only positions (VHR's no-image branch).
-        ``padding`` [B, T] (True = real token) stands in when the call's context has no 2-D mask (a static
-        cache hands the model a 4-D mask)."""
-        ctx = ectx.forward
-        ids = ctx.prompt_ids
-        if padding is not None and ids is not None and tuple(padding.shape) == tuple(ids.shape):
-            if ctx.padding_mask is None or tuple(ctx.padding_mask.shape) != tuple(ids.shape):
-                ectx = dataclasses.replace(
-                    ectx, forward=dataclasses.replace(ctx, padding_mask=padding.bool())
-                )
-        return self._negative_rows.no_image_branch({}, ectx)
-
-    def _before_text_model(
-        self, module: torch.nn.Module, args: tuple, kwargs: dict, ectx: EditContext
-    ) -> None:
-        if ectx.phase != "prefill":
-            return None
-        shared = self._shared(ectx)
-        if shared.get("vsv_started"):
-            return None
-        shared["vsv_started"] = True
-        positive = {k: kwargs[k] for k in _AUX_KEYS if kwargs.get(k) is not None}
-        if args and "inputs_embeds" not in positive:  # positional input_ids
-            positive.setdefault("input_ids", args[0])
-        reference = positive.get("inputs_embeds", positive.get("input_ids"))
-        if reference is None:  # pragma: no cover - the text model always gets embeddings or ids
-            return None
-        batch, width = reference.shape[:2]
-        # a static cache's mask spans the whole cache: keep the prompt's keys
-        if "attention_mask" in positive:
-            positive["attention_mask"] = prompt_mask(positive["attention_mask"], width)
-        padding = padding_of(positive.get("attention_mask"), batch, width)
-        if padding is None and ectx.forward.padding_mask is not None:
-            padding = padding_of(ectx.forward.padding_mask, batch, width)
-        pos_last = last_positions(padding).to(reference.device) if padding is not None else None
-        pos_len = padding.long().sum(dim=1) if padding is not None else torch.full((batch,), width)
-
-        with ectx.runtime.disabled(), torch.no_grad():
-            pos = self._run_aux(module, positive, pos_last, shared)
-            negative = self.negative_inputs(ectx, padding)
-            # the negative rows are left padded: index -1 is the last token
-            neg = self._run_aux(module, negative, None, shared)
+    def _compute_vectors(self, ectx: EditContext) -> dict[str, list[torch.Tensor]] | None:
+        pos, neg = ectx.collected_layers("pos"), ectx.collected_layers("neg")
+        if not pos and not neg:
+            return None  # the prefill ran with VISTA disabled: nothing to steer with in this call
         missing = [layer for layer in range(self.num_layers) if layer not in pos or layer not in neg]
         if missing:  # pragma: no cover - every block runs in both passes
             raise RuntimeError(f"vista: the auxiliary passes did not reach layer(s) {missing}")
-        vectors = [steering_vector(pos[layer], neg[layer]) for layer in range(self.num_layers)]
-        shared["v"] = vectors
-        shared["v_hat"] = [F.normalize(v, dim=-1, eps=EPS) for v in vectors]
-        self._record(vectors, pos_len, negative["attention_mask"].long().sum(dim=1))
-        return None
-
-    def _run_aux(
-        self,
-        module: torch.nn.Module,
-        inputs: dict[str, Any],
-        last: torch.Tensor | None,
-        shared: dict[str, Any],
-    ) -> dict[int, torch.Tensor]:
-        shared["aux"] = {"last": last, "h": {}}
-        try:
-            module(**inputs, use_cache=False)
-            return shared["aux"]["h"]
-        finally:
-            shared["aux"] = None
+        vectors = [steering_vector(pos[layer][0], neg[layer][0]) for layer in range(self.num_layers)]
+        self._record(vectors, pos[0][1], neg[0][1])
+        return {"v": vectors, "v_hat": [F.normalize(v, dim=-1, eps=EPS) for v in vectors]}
 
     def _record(self, vectors: list[torch.Tensor], pos_len: torch.Tensor, neg_len: torch.Tensor) -> None:
         """``Steering.state["vista"]`` per row (one host copy per prefill)."""
@@ -422,53 +316,12 @@ class VISTA(Method):
             ],
         )
 
-    # ---- block hooks: capture in the aux passes; steps 3-4 in the real pass ------------------------
-    def _block_hook(self, layer: int):
-        residual = self.params.mode == "residual"
-
-        def hook(module: torch.nn.Module, args: tuple, output: Any, ectx: EditContext) -> Any:
-            bypassed = ectx.runtime.bypassed
-            if not (bypassed or residual):
-                return None  # mlp mode: the block hook only captures inside the auxiliary passes
-            shared = self._shared(ectx)
-            hidden = output[0] if isinstance(output, tuple) else output
-            if bypassed:
-                aux = shared.get("aux")
-                if aux is None:
-                    return None  # another method's auxiliary pass
-                last = aux["last"]
-                at = (
-                    hidden[:, -1]
-                    if last is None
-                    else hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
-                )
-                aux["h"][layer] = at.to(torch.float32, copy=True)
-                return None
-            v = self._vector(shared, "v", layer, hidden.shape[0])
-            if v is None:
-                return None
-            steered = steer_residual(hidden, v[:, None, :], self.params.lam)
-            return (steered, *output[1:]) if isinstance(output, tuple) else steered
-
-        return hook
-
-    def _mlp_hook(self, layer: int):
-        def hook(module: torch.nn.Module, args: tuple, output: Any, ectx: EditContext) -> Any:
-            m = output[0] if isinstance(output, tuple) else output
-            v_hat = self._vector(self._shared(ectx), "v_hat", layer, m.shape[0])
-            if v_hat is None:
-                return None
-            steered = _rotate(m.float(), v_hat[:, None, :], self.params.lam).to(m.dtype)
-            return (steered, *output[1:]) if isinstance(output, tuple) else steered
-
-        return hook
-
-    @staticmethod
-    def _vector(shared: dict[str, Any], key: str, layer: int, rows: int) -> torch.Tensor | None:
-        vectors = shared.get(key)
+    def _vector(self, ectx: EditContext, key: str, rows: int) -> torch.Tensor | None:
+        vectors = self._vectors(ectx)
         if vectors is None:
-            return None  # the prefill ran with VISTA disabled: nothing to steer with in this call
-        v = vectors[layer]
+            return None
+        assert ectx.layer is not None
+        v = vectors[key][ectx.layer]
         if v.shape[0] != rows:
             raise RuntimeError(
                 f"vista: steering vectors were computed for {v.shape[0]} rows but this step has {rows}; the batch "
@@ -476,30 +329,22 @@ class VISTA(Method):
             )
         return v
 
-    # ---- step 5: SLA ----------------------------------------------------------------------------------
-    def _before_model(self, module: torch.nn.Module, args: tuple, kwargs: dict, ectx: EditContext) -> None:
-        self._shared(ectx)["keep"] = kwargs.get("logits_to_keep", 0)
-        return None
-
-    def _window_hook(self, layer: int):
-        def hook(module: torch.nn.Module, args: tuple, output: Any, ectx: EditContext) -> None:
-            shared = self._shared(ectx)
-            hidden = output[0] if isinstance(output, tuple) else output
-            keep = shared.get("keep", 0)
-            if isinstance(keep, int):
-                kept = hidden if keep == 0 else hidden[:, -keep:].clone()
-            else:  # a tensor of positions, as transformers' slice_indices
-                kept = hidden[:, keep.to(hidden.device)]
-            shared.setdefault("window_h", {})[layer] = kept
+    # ---- steps 3-4: injection ---------------------------------------------------------------------------
+    def _mlp(self, m: torch.Tensor, ectx: EditContext) -> torch.Tensor | None:
+        v_hat = self._vector(ectx, "v_hat", m.shape[0])
+        if v_hat is None:
             return None
+        return _rotate(m.float(), v_hat[:, None, :], self.params.lam).to(m.dtype)
 
-        return hook
+    def _residual(self, hidden: torch.Tensor, ectx: EditContext) -> torch.Tensor | None:
+        v = self._vector(ectx, "v", hidden.shape[0])
+        if v is None:
+            return None
+        return steer_residual(hidden, v[:, None, :], self.params.lam)
 
+    # ---- step 5: SLA ----------------------------------------------------------------------------------
     def _mix_logits(self, f: torch.Tensor, ectx: EditContext) -> torch.Tensor | None:
-        shared = self._shared(ectx)
-        if shared.get("projecting"):
-            return None  # re-entered from our own window projection
-        states: dict[int, torch.Tensor] = shared.pop("window_h", {})
+        states: dict[Any, torch.Tensor] = ectx.take("window")
         start, end = self.window
         last = self.num_layers - 1
         needed = [k for k in range(start, end + 1) if k < last]
@@ -514,16 +359,14 @@ class VISTA(Method):
 
         def window_logits() -> Iterable[torch.Tensor]:
             for k in range(start, end + 1):
-                yield f if k == last else self._project(states[k], shared, ectx)
+                yield f if k == last else states[k]
 
         return augment_logits(f, window_logits(), self.params.gamma)
 
-    def _project(self, hidden: torch.Tensor, shared: dict[str, Any], ectx: EditContext) -> torch.Tensor:
-        """``S_k = lm_head(N(h_k))`` in the model dtype, under the re-entrancy guard (every edit off)."""
-        shared["projecting"] = True
-        try:
-            with ectx.runtime.disabled():
-                x = self.adapter.final_norm(hidden) if self.params.final_norm else hidden
-                return self.adapter.lm_head(x)
-        finally:
-            shared["projecting"] = False
+
+def _capture(h: torch.Tensor, ectx: EditContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's output at the last real token (fp32 copy) and the run's real length per row."""
+    padding = ectx.forward.padding_mask
+    batch = h.shape[0]
+    length = padding.long().sum(dim=1) if padding is not None else torch.full((batch,), ectx.forward.query_len)
+    return h.to(torch.float32, copy=True), length

@@ -36,20 +36,20 @@ padding included; row counts add up prefill and decode rows; with beams, b is th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from steer.edits import Edit, EditContext, GroupReweight, ModuleHook
+from steer.edits.context import EditContext
+from steer.edits.facts import ModelInfo
+from steer.edits.kinds import Collect, Edit, GroupReweight
 from steer.errors import InvalidParameterError
-from steer.kernels.triton_group import CoefficientRule
+from steer.kernels.rules import CoefficientRule
 from steer.registry import Method, param, register
-
-if TYPE_CHECKING:
-    from steer.adapters.base import Adapter
 
 __all__ = [
     "LABEL_NV",
@@ -155,12 +155,12 @@ def var_coefficients(
 # known sink channels (recipes)
 
 
-def _model_key(adapter: Adapter) -> dict[str, Any]:
+def _model_key(model: ModelInfo) -> dict[str, Any]:
     return {
-        "model_type": str(getattr(adapter.config, "model_type", "")),
-        "text_model_type": str(getattr(adapter.text_config, "model_type", "")),
-        "hidden_size": adapter.hidden_size,
-        "num_layers": adapter.num_layers,
+        "model_type": model.model_type,
+        "text_model_type": model.text_model_type,
+        "hidden_size": model.hidden_size,
+        "num_layers": model.num_layers,
     }
 
 
@@ -201,16 +201,14 @@ def known_sink_dims(
 # the method
 
 
-def _decoder_layer(index: int):
-    def pick(adapter: Adapter) -> nn.Module:
-        return adapter.decoder_layers[index]
-
-    return pick
-
-
 @register
 class VAR(Method):
-    """Visual Attention Redistribution: sink attention × p, the freed mass to the non-sink visual tokens."""
+    """Visual Attention Redistribution: sink attention × p, the freed mass to the non-sink visual tokens.
+
+    Edits: a :class:`~steer.edits.kinds.Collect` at ``layer.in`` (prefill) flags each layer's sinks and
+    labels the key groups (step 1-2); a :class:`~steer.edits.kinds.GroupReweight` on the same layers selects
+    rows and redistributes (steps 3-7), on the kernel path through a registered coefficient rule.
+    """
 
     name = "var"
     description = (
@@ -246,32 +244,41 @@ class VAR(Method):
             choices=("auto", "fused", "reference"),
         )
 
-    def __init__(self, params: Any, adapter: Adapter, state: dict[str, Any]) -> None:
-        super().__init__(params, adapter, state)
+    def __init__(self, params: Any, model: ModelInfo, state: dict[str, Any]) -> None:
+        super().__init__(params, model, state)
         self._dims_tensor: Tensor | None = None
+        self._source = "parameter"
 
-    # ---- validation ------------------------------------------------------------------------------
+    # ---- parameters ------------------------------------------------------------------------------
+    def resolve(self) -> Any:
+        """D_sink from the recipes when not given (keyed by the model's type, width and depth)."""
+        p = self.params
+        if p.p == 1.0 or not p.tau > 0:  # the identity needs no channels; a bad tau is reported by check()
+            return p
+        dims = p.sink_dims
+        if dims is None:
+            key = _model_key(self.model)
+            found = known_sink_dims(key["model_type"], key["hidden_size"], key["num_layers"], key["text_model_type"])
+            if found is None:
+                raise InvalidParameterError(
+                    f"var: no sink channels (sink_dims) are known for this model ({key['model_type']}, text "
+                    f"{key['text_model_type']}, hidden_size {key['hidden_size']}, {key['num_layers']} layers). Find "
+                    f"them with `{CALIBRATE_HINT}` (it writes them into a recipe), or pass sink_dims=[...]."
+                )
+            dims, self._source = found
+        if not dims:
+            return p
+        return dataclasses.replace(p, sink_dims=sorted(set(int(d) for d in dims)))
+
     def check(self) -> None:
         p = self.params
         if not p.tau > 0:
             raise InvalidParameterError(
                 f"var: tau={p.tau!r} is out of range; it must be > 0 (sink threshold on φ)"
             )
-        if p.p == 1.0:  # the identity: no sink detection, nothing to look up
+        if p.p == 1.0:
             return
-        hidden = self.adapter.hidden_size
-        key = _model_key(self.adapter)
-        if p.sink_dims is None:
-            found = known_sink_dims(key["model_type"], hidden, key["num_layers"], key["text_model_type"])
-            if found is None:
-                raise InvalidParameterError(
-                    f"var: no sink channels (sink_dims) are known for this model ({key['model_type']}, text "
-                    f"{key['text_model_type']}, hidden_size {hidden}, {key['num_layers']} layers). Find them with "
-                    f"`{CALIBRATE_HINT}` (it writes them into a recipe), or pass sink_dims=[...]."
-                )
-            p.sink_dims, source = found
-        else:
-            source = "parameter"
+        hidden = self.model.hidden_size
         if not p.sink_dims:
             raise InvalidParameterError(
                 f"var: sink_dims is empty; give at least one channel in [0, {hidden}) or run `{CALIBRATE_HINT}`"
@@ -281,14 +288,13 @@ class VAR(Method):
             raise InvalidParameterError(
                 f"var: sink_dims {bad} out of range; channels must be in [0, {hidden}) (hidden_size {hidden})"
             )
-        p.sink_dims = sorted(set(int(d) for d in p.sink_dims))
-        self.state["sink_dims"] = list(p.sink_dims)
-        self.state["sink_dims_source"] = source
-        self.state["layers"] = self.layers()
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"sink_dims": list(self.params.sink_dims), "sink_dims_source": self._source, "layers": self.layers()}
 
     def layers(self) -> list[int]:
         """Edited decoder layers: 2..L−1, without L−1 when ``exclude_last_layer``."""
-        last = self.adapter.num_layers - (1 if self.params.exclude_last_layer else 0)
+        last = self.model.num_layers - (1 if self.params.exclude_last_layer else 0)
         return list(range(2, last))
 
     def is_noop(self) -> bool:
@@ -296,10 +302,8 @@ class VAR(Method):
 
     def edits(self) -> list[Edit]:
         layers = self.layers()
-        out: list[Edit] = [
-            ModuleHook(module=_decoder_layer(layer), fn=self._detector(layer), pre=True) for layer in layers
-        ]
-        out.append(
+        return [
+            Collect(name="sinks", site="layer.in", layers=layers, fn=self._detect, phase="prefill"),
             GroupReweight(
                 layers=layers,
                 coefficients=self._coefficients,
@@ -308,9 +312,8 @@ class VAR(Method):
                 renormalize=False,
                 impl=self.params.impl,
                 rule=self._rule,
-            )
-        )
-        return out
+            ),
+        ]
 
     # ---- step 1: sinks, at prefill ----------------------------------------------------------------
     def _dims(self, device: torch.device) -> Tensor:
@@ -321,62 +324,52 @@ class VAR(Method):
     def _new_call(self, batch: int) -> None:
         self.state["samples"] = [{} for _ in range(batch)]
 
-    def _detector(self, layer: int):
-        def detect(module: nn.Module, args: tuple, kwargs: dict, ectx: EditContext) -> None:
-            fwd = ectx.forward
-            if fwd.phase != "prefill":
-                return None
-            x = args[0] if args else kwargs.get("hidden_states")
-            if x is None:
-                return None
-            batch, length = x.shape[0], x.shape[1]
-            visual = fwd.key_image_mask(length, x.device)
-            if visual is None:  # no input_ids: the runtime has already refused the call
-                return None
-            if ("var", "call") not in fwd.scratch:
-                fwd.scratch[("var", "call")] = {}
-                self._new_call(batch)
-            padding = fwd.padding_mask
-            sink = sink_flags(
-                x, self._dims(x.device), self.params.tau, None if padding is None else padding.to(x.device)
-            )
-            labels = group_labels(sink, visual)
-            heads = self.adapter.num_heads
-            entry = {
-                "labels": labels,
-                "has_visual_sink": (labels == LABEL_SV).any(1),
-                "n_visual": visual.sum(1).float(),
-                "selected": torch.zeros(batch, heads, dtype=torch.long, device=x.device),
-                "eligible": torch.zeros(batch, dtype=torch.long, device=x.device),
-            }
-            fwd.scratch[("var", layer)] = entry
-            where = sink.nonzero().tolist()  # one sync per layer and prefill
-            is_visual = visual[sink].tolist()
-            samples = self.state["samples"]
-            per: list[dict[str, list[int]]] = [{"visual_sinks": [], "text_sinks": []} for _ in range(batch)]
-            for (b, j), vis in zip(where, is_visual):
-                per[b]["visual_sinks" if vis else "text_sinks"].append(j)
-            for b in range(batch):
-                samples[b][layer] = {
-                    **per[b],
-                    "skipped": self.params.skip_layers_without_visual_sink and not per[b]["visual_sinks"],
-                    "selected_rows": entry["selected"][b],
-                    "eligible_rows": entry["eligible"][b],
-                }
+    def _detect(self, x: Tensor, ectx: EditContext) -> dict[str, Any] | None:
+        """Sinks of the residual stream entering the layer, the key labels and the per-sample counters."""
+        fwd = ectx.forward
+        batch, length = x.shape[0], x.shape[1]
+        visual = fwd.key_image_mask(length, x.device)
+        if visual is None:  # no input_ids: the runtime has already refused the call
             return None
-
-        return detect
+        ectx.once("call", lambda: self._new_call(batch))
+        padding = fwd.padding_mask
+        sink = sink_flags(
+            x, self._dims(x.device), self.params.tau, None if padding is None else padding.to(x.device)
+        )
+        labels = group_labels(sink, visual)
+        heads = self.model.num_heads
+        entry = {
+            "labels": labels,
+            "has_visual_sink": (labels == LABEL_SV).any(1),
+            "n_visual": visual.sum(1).float(),
+            "selected": torch.zeros(batch, heads, dtype=torch.long, device=x.device),
+            "eligible": torch.zeros(batch, dtype=torch.long, device=x.device),
+        }
+        where = sink.nonzero().tolist()  # one sync per layer and prefill
+        is_visual = visual[sink].tolist()
+        samples = self.state["samples"]
+        per: list[dict[str, list[int]]] = [{"visual_sinks": [], "text_sinks": []} for _ in range(batch)]
+        for (b, j), vis in zip(where, is_visual):
+            per[b]["visual_sinks" if vis else "text_sinks"].append(j)
+        for b in range(batch):
+            samples[b][ectx.layer] = {
+                **per[b],
+                "skipped": self.params.skip_layers_without_visual_sink and not per[b]["visual_sinks"],
+                "selected_rows": entry["selected"][b],
+                "eligible_rows": entry["eligible"][b],
+            }
+        return entry
 
     # ---- step 2: key groups -----------------------------------------------------------------------
     def _groups(self, ectx: EditContext) -> Tensor:
-        entry = ectx.forward.scratch.get(("var", ectx.layer))
+        entry = ectx.collected("sinks", ectx.layer)
         if entry is None:  # no prefill seen with the edit active (e.g. it ran under `disabled()`): no groups
             return torch.zeros(ectx.forward.batch_size, 1, dtype=torch.long)
         return entry["labels"]
 
     # ---- steps 3, 5, 6: rows and coefficients -----------------------------------------------------
     def _coefficients(self, masses: Tensor, ectx: EditContext) -> Tensor:
-        entry = ectx.forward.scratch.get(("var", ectx.layer))
+        entry = ectx.collected("sinks", ectx.layer)
         if entry is None or masses.shape[-1] != 4:
             return torch.ones((), dtype=torch.float32, device=masses.device)
         valid = self._valid_slots(masses, ectx)
@@ -398,7 +391,7 @@ class VAR(Method):
     def _rule(self, ectx: EditContext) -> CoefficientRule | None:
         """`_coefficients` as a kernel rule (the Triton path on CUDA): same selection, same coefficients,
         same state counts (through ``on_selected``)."""
-        entry = ectx.forward.scratch.get(("var", ectx.layer))
+        entry = ectx.collected("sinks", ectx.layer)
         if entry is None:
             return None
         p = self.params

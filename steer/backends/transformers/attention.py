@@ -5,7 +5,7 @@ Every text attention module of a steered model calls it (the model's text sub-co
 active edit it calls the model's *original* backend (sdpa, eager, flash_attention_2, flex_attention)
 unchanged, so unedited layers keep their fused kernels and give bit-identical results. For an edited
 layer it runs, in order: mask edits, the group reweighting (LSE merge, `steer.kernels`), per-head output
-edits.
+edits and collects (``layer.attn.head_out``), each only in the runs it lists.
 
 A mask function is registered under the same name with `AttentionMaskInterface` (otherwise transformers
 silently drops causal and padding masks); it builds the mask the original backend expects.
@@ -23,11 +23,14 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from steer.edits import AttentionMask, EditContext, GroupReweight, HeadOutputEdit, HeadScale, evaluate
+from steer.backends.transformers.collected import select, store
+from steer.edits.context import EditContext
+from steer.edits.kinds import AttentionMask, Collect, GroupReweight, HeadOutputEdit, HeadScale, evaluate
+from steer.errors import MissingImageTokensError
 from steer.kernels import lse
 
 if TYPE_CHECKING:
-    from steer.hooks.manager import Runtime
+    from steer.backends.transformers.runtime import Runtime
 
 IMPLEMENTATION = "steer"
 
@@ -172,11 +175,14 @@ def steer_attention(
     backend_name = original_backend(config)
     backend = backend_function(backend_name, module)
     tag: LayerTag | None = getattr(module, "_steer_layer", None)
-    if tag is None or tag.runtime.bypassed:
+    if tag is None:
         return backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     runtime = tag.runtime
+    run = runtime.run
+    if run is None:
+        return backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     phase = runtime.context.phase
-    edits = [e for e in runtime.attention_edits.get(tag.layer, ()) if e.active_in(phase)]
+    edits = [e for e in runtime.attention_edits.get(tag.layer, ()) if runtime.active(e, phase, run)]
     if not edits:
         return backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -185,18 +191,10 @@ def steer_attention(
     scale = scaling if scaling is not None else head_dim**-0.5
     mask_edits = [e for e in edits if isinstance(e, AttentionMask)]
     reweights = [e for e in edits if isinstance(e, GroupReweight)]
-    output_edits = [e for e in edits if isinstance(e, (HeadScale, HeadOutputEdit))]
+    output_edits = [e for e in edits if isinstance(e, (HeadScale, HeadOutputEdit, Collect))]
 
     def context_for(edit: Any) -> EditContext:
-        return EditContext(
-            forward=runtime.context,
-            adapter=runtime.adapter,
-            layer=tag.layer,
-            query_len=q_len,
-            key_len=k_len,
-            scratch=runtime.context.scratch.setdefault(id(edit), {}),
-            runtime=runtime,
-        )
+        return runtime.edit_context(edit, tag.layer, q_len, k_len)
 
     if mask_edits or reweights:
         # SDPA's is_causal prefill: the triangle stays implicit (an [Lq, Lk] tensor is O(L²)) until a mask
@@ -246,13 +244,130 @@ def steer_attention(
                 )
             if bias is not None:
                 raise NotImplementedError("GroupReweight together with an additive mask on one layer")
-            base = runtime.run_group_reweight(
-                reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base, base_lse, causal
+            base = run_group_reweight(
+                runtime, reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base, base_lse, causal
             )
         assert isinstance(base, torch.Tensor)  # a function only until the reweight has run
         out = base.transpose(1, 2)
     else:
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     for out_edit in output_edits:
-        out = out_edit.apply(out, context_for(out_edit))
+        if isinstance(out_edit, Collect):
+            collect_head_out(out_edit, out, context_for(out_edit))
+        else:
+            out = out_edit.apply(out, context_for(out_edit))
     return out.to(query.dtype).contiguous(), None
+
+
+def collect_head_out(edit: Collect, out: torch.Tensor, ectx: EditContext) -> None:
+    """Store ``edit.fn`` of the per-head output [B, Lq, H, d] at the selected positions."""
+    store(edit, ectx, select(out, edit.select, ectx))
+
+
+# --------------------------------------------------------------------------------------------------
+# group reweighting
+
+
+def group_labels(edit: GroupReweight, ectx: EditContext, k_len: int, device: torch.device) -> torch.Tensor:
+    """Key-group labels [B, k_len] of this call: the image group, or the edit's labels padded with 0 (keys
+    decoded later are in no group)."""
+    ctx = ectx.forward
+    if edit.groups == "image":
+        image = ctx.key_image_mask(k_len, device)
+        if image is None:
+            raise MissingImageTokensError(
+                "GroupReweight(groups='image') needs input_ids to find the image tokens; the model was "
+                "called with inputs_embeds only."
+            )
+        return image.long()
+    labels = edit.groups(ectx).to(device).long()
+    if labels.shape[1] < k_len:
+        pad = labels.new_zeros(labels.shape[0], k_len - labels.shape[1])
+        labels = torch.cat([labels, pad], dim=1)
+    return labels[:, :k_len]
+
+
+def edited_rows(edit: GroupReweight, ectx: EditContext, q_len: int, batch: int, device: torch.device) -> torch.Tensor | None:
+    """bool [B, Lq] of the rows the edit changes (None = every row)."""
+    ctx = ectx.forward
+    if edit.rows == "all" or edit.rows is None:
+        return None
+    if edit.rows == "after_image":
+        rows = ctx.rows_after_first_image(device)
+    elif edit.rows == "new":
+        rows = None if ctx.phase == "decode" else torch.zeros(batch, q_len, dtype=torch.bool)
+    else:
+        rows = edit.rows(ectx)
+    return None if rows is None else rows.to(device)
+
+
+def coefficient_fn(edit: GroupReweight, ectx: EditContext) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The coefficients of this call as a function of the group masses."""
+    if callable(edit.coefficients):
+        fn = edit.coefficients
+        return lambda masses: fn(masses, ectx)
+    values = torch.tensor([float(c) for c in edit.coefficients], dtype=torch.float32)
+
+    def constant(masses: torch.Tensor) -> torch.Tensor:
+        if values.numel() != masses.shape[-1]:
+            raise ValueError(
+                f"GroupReweight: {values.numel()} coefficients for {masses.shape[-1]} groups (incl. group 0)"
+            )
+        return values.to(masses.device)
+
+    return constant
+
+
+def coefficient_rule(edit: GroupReweight, ectx: EditContext) -> Any:
+    """The kernel form of the coefficients for this call: ``rule`` (evaluated), else the constant rule."""
+    if edit.rule is not None:
+        return edit.rule(ectx) if callable(edit.rule) else edit.rule
+    if callable(edit.coefficients):
+        return None
+    from steer.kernels.rules import CoefficientRule
+
+    try:
+        return CoefficientRule.constant(edit.coefficients)
+    except ValueError:
+        return None
+
+
+def run_group_reweight(
+    runtime: Runtime,
+    edit: GroupReweight,
+    ectx: EditContext,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    base: torch.Tensor | Callable[[], torch.Tensor],
+    base_lse: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Apply ``edit`` to one layer's attention; ``base`` is the unedited output [B, H, Lq, D], or the
+    function that computes it when needed (see ``reweighted_attention``), and ``base_lse`` its
+    log-sum-exp, when the caller has it. ``causal``: the mask is the causal triangle (then ``mask`` is
+    None and nobody builds it)."""
+    from steer.kernels.dispatch import reweighted_attention
+
+    labels = group_labels(edit, ectx, key.shape[2], key.device)
+    rows = edited_rows(edit, ectx, query.shape[2], query.shape[0], query.device)
+    if rows is not None and not bool(rows.any()):
+        return base() if callable(base) else base
+    return reweighted_attention(
+        query,
+        key,
+        value,
+        mask,
+        scale,
+        labels,
+        coefficient_fn(edit, ectx),
+        rows=rows,
+        renormalize=edit.renormalize,
+        base_out=base,
+        impl=edit.impl,
+        rule=coefficient_rule(edit, ectx),
+        base_lse=base_lse,
+        causal=causal,
+    )

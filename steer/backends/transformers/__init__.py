@@ -1,0 +1,82 @@
+"""The transformers backend: installs edits on a Hugging Face vision-language model.
+
+* `runtime` — one runtime per model: the union of the active handles' edits, the per-thread call state;
+* `installers` — one installer per edit kind;
+* `attention` — steer's attention function (registered with transformers' ``AttentionInterface``);
+* `images` — image sizes / grids noted across ``generate``; `masks` — padding out of transformers' masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from steer.adapters import FAMILIES, adapter_for
+from steer.backends.lifecycle import Steering
+from steer.backends.transformers.runtime import Runtime
+from steer.edits.kinds import Edit, HeadScale, LayerEdit
+from steer.errors import InvalidParameterError
+
+
+class TransformersBackend:
+    """`steer.backends.Backend` for vision-language models."""
+
+    kind = "vlm"
+
+    def adapter(self, target: nn.Module) -> Any:
+        return adapter_for(target)
+
+    def families(self) -> tuple[str, ...]:
+        return FAMILIES
+
+    def info(self, adapter: Any) -> Any:
+        return adapter.info
+
+    def active_methods(self, target: nn.Module) -> dict[str, Any]:
+        runtime = Runtime.of(target)
+        return {} if runtime is None else {m: h for h in runtime.handles for m in h.methods}
+
+    def check(self, adapter: Any, edits: list[Edit], methods: list[Any]) -> None:
+        from steer.backends.transformers.installers import check
+
+        for edit in edits:
+            check_layers(adapter, edit)
+            check(adapter, edit)
+
+    def handle(
+        self,
+        target: nn.Module,
+        adapter: Any,
+        edits: list[Edit],
+        params: dict[str, dict[str, Any]],
+        state: dict[str, Any],
+        methods: list[Any],
+    ) -> Steering:
+        needing = tuple(m.name for m in methods if m.image_tokens_needed())
+        whole = tuple(m.name for m in methods if m.whole_prefill)
+        return Steering(target, adapter, edits, params, state, needing, whole, runtime_class=Runtime)
+
+
+def check_layers(adapter: Any, edit: Edit) -> None:
+    """Layer and head indices of a low-level edit must exist in the model (typed error at apply)."""
+    what = type(edit).__name__ if not edit.owner else f"{edit.owner} ({type(edit).__name__})"
+    if isinstance(edit, LayerEdit):
+        try:
+            edit.resolve_layers(adapter.num_layers)
+        except ValueError as exc:
+            raise InvalidParameterError(
+                f"{what}: {exc} (valid: 0..{adapter.num_layers - 1}, or negative from the end)"
+            ) from None
+    if isinstance(edit, HeadScale) and edit.heads is not None:
+        bad = [h for h in edit.heads if not 0 <= int(h) < adapter.num_heads]
+        if bad:
+            raise InvalidParameterError(
+                f"{what}: head(s) {bad} do not exist; the model has {adapter.num_heads} query heads "
+                f"(valid: 0..{adapter.num_heads - 1})"
+            )
+
+
+BACKEND = TransformersBackend()
+
+__all__ = ["BACKEND", "Runtime", "TransformersBackend", "check_layers"]

@@ -1,0 +1,136 @@
+"""``SourceRun`` (site ``lm.inputs``): an auxiliary pass of the language model before the caller's prefill.
+
+A pre-hook on the language model runs, once per call at prefill, the model's text stack on the run's inputs
+(no cache, no gradients) with the current run set to the run's key, so only the edits that list it act
+(e.g. a :class:`~steer.edits.kinds.Collect`). The pre-hook runs before the language model's own forward
+begins, so the auxiliary call never re-enters a half-finished forward; it sees the inputs after the
+position and input edits of other methods (they are installed earlier).
+
+Inputs (`steer.edits.kinds.SourceRun`): ``"same"`` (the prefill's own inputs), ``"text_only"`` (the adapter's
+text-only variant of the prompt), or both stacked along the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from steer.backends.transformers.installers import installer
+from steer.backends.transformers.masks import padding_of, prompt_mask
+from steer.edits.context import ForwardFacts
+from steer.edits.kinds import MAIN, SourceRun
+
+if TYPE_CHECKING:
+    from steer.backends.transformers.runtime import Runtime
+
+_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+
+
+def same_inputs(kwargs: dict, args: tuple, ctx: ForwardFacts) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """The prefill's own language-model inputs (a static cache's mask cut to the prompt) and their padding."""
+    inputs = {k: kwargs[k] for k in _KEYS if kwargs.get(k) is not None}
+    if args and "inputs_embeds" not in inputs:  # positional input_ids
+        inputs.setdefault("input_ids", args[0])
+    reference = inputs.get("inputs_embeds", inputs.get("input_ids"))
+    assert reference is not None  # the language model always gets embeddings or ids
+    batch, width = reference.shape[:2]
+    if "attention_mask" in inputs:
+        inputs["attention_mask"] = prompt_mask(inputs["attention_mask"], width)
+    padding = padding_of(inputs.get("attention_mask"), batch, width)
+    if padding is None and ctx.padding_mask is not None:
+        padding = padding_of(ctx.padding_mask, batch, width)
+    return inputs, padding
+
+
+def text_only_inputs(
+    runtime: Runtime, ctx: ForwardFacts, padding: torch.Tensor | None, length: int | None = None
+) -> dict[str, Any]:
+    """The adapter's text-only variant of the call's prompt. ``padding`` [B, T] stands in when the call's own
+    padding does not cover the prompt (a static cache hands the model a 4-D mask)."""
+    ids = ctx.prompt_ids
+    assert ids is not None  # auxiliary runs need input_ids; the runtime refuses embeddings-only calls first
+    real = ctx.padding_mask
+    if real is None or tuple(real.shape) != tuple(ids.shape):
+        real = padding.bool() if padding is not None and tuple(padding.shape) == tuple(ids.shape) else None
+    with runtime.running(None):  # other methods' position edits stay off while the rows are built
+        return runtime.adapter.text_only_inputs(ids, real, length)
+
+
+def explicit_positions(runtime: Runtime, positions: torch.Tensor | None, batch: int, width: int, device: Any) -> torch.Tensor:
+    """Position ids as the language model would use them, with the batch dimension spelled out: [B, T]
+    (1-D RoPE) or [R, B, T] (M-RoPE, R = 3 or 4). ``None`` means the model's default 0..T-1."""
+    if positions is None:
+        positions = torch.arange(width, device=device)
+    positions = positions.to(device)
+    if runtime.adapter.position_scheme == "mrope":
+        if positions.dim() < 3:
+            positions = positions.reshape(-1, width)[None].expand(3, -1, width)
+        return positions.expand(positions.shape[0], batch, width)
+    return positions.reshape(-1, width).expand(batch, width)
+
+
+def stacked_inputs(runtime: Runtime, kwargs: dict, ctx: ForwardFacts) -> dict[str, Any]:
+    """The prefill's rows (as the language model got them) then the text-only rows, left padded to T."""
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = runtime.adapter.embed_tokens(kwargs["input_ids"])
+    batch, width = embeds.shape[:2]
+    mask = kwargs.get("attention_mask")
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        padding = ctx.padding_mask
+        mask = padding if padding is not None else torch.ones(batch, width, dtype=torch.long)
+    mask = mask.to(embeds.device).long()
+    positions = explicit_positions(runtime, kwargs.get("position_ids"), batch, width, embeds.device)
+    other = text_only_inputs(runtime, ctx, None, length=width)
+    other_pos = explicit_positions(runtime, other.get("position_ids"), batch, width, embeds.device)
+    if runtime.adapter.position_scheme == "mrope" and positions.shape[0] != other_pos.shape[0]:
+        positions, other_pos = positions[-3:], other_pos[-3:]  # [3, B, T] with [4, B, T]: keep t/h/w
+    return {
+        "inputs_embeds": torch.cat([embeds, other["inputs_embeds"].to(embeds.dtype)], dim=0),
+        "attention_mask": torch.cat([mask, other["attention_mask"].to(mask.device).long()], dim=0),
+        "position_ids": torch.cat([positions, other_pos], dim=-2),
+    }
+
+
+@installer(SourceRun, rank=30)
+def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
+    from steer.backends.transformers.runtime import run_key
+
+    parts = edit.parts()
+    key = run_key(edit.owner, edit.name)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if runtime.run != MAIN:
+            return None
+        ctx = runtime.context
+        if not edit.active_in(ctx.phase):
+            return None
+        done = ctx.call.memo.setdefault("__source_runs__", {})
+        if key in done:
+            return None
+        done[key] = True
+        if parts == ("same",):
+            inputs, padding = same_inputs(kwargs, args, ctx)
+        elif parts == ("text_only",):
+            _, padding = same_inputs(kwargs, args, ctx)
+            inputs = text_only_inputs(runtime, ctx, padding)
+            padding = inputs["attention_mask"].bool()
+        else:
+            inputs = stacked_inputs(runtime, kwargs, ctx)
+            padding = inputs["attention_mask"].bool()
+        reference = inputs.get("inputs_embeds", inputs.get("input_ids"))
+        facts = dataclasses.replace(
+            ctx, batch_size=int(reference.shape[0]), query_len=int(reference.shape[1]), past_length=0,
+            padding_mask=padding, logits_to_keep=0,
+        )  # fmt: skip
+        with runtime.running(key, facts), torch.no_grad():
+            module(**inputs, use_cache=False)
+        return None
+
+    runtime.add_hook(runtime.adapter.text_model.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+__all__ = ["explicit_positions", "install_source_run", "same_inputs", "stacked_inputs", "text_only_inputs"]

@@ -1,0 +1,10 @@
+"""Methods for vision-language models (importing this package registers them)."""
+
+from steer.methods.vlm import (  # noqa: F401
+    cca,
+    fastervlm,
+    primitives,
+    var,
+    vhr,
+    vista,
+)
