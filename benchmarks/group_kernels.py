@@ -50,7 +50,7 @@ from steer.kernels import group_reweight_reference, reweighted_attention, triton
 from steer.kernels.dispatch import ONE_PASS_MAX_ROWS  # noqa: E402
 from steer.kernels.lse import MATH_MAX_ROWS, attention_with_lse  # noqa: E402
 from steer.kernels.triton_group import CoefficientRule  # noqa: E402
-from steer.methods.var import LABEL_NV, LABEL_ST, LABEL_SV  # noqa: E402
+from steer.methods.vlm.var import LABEL_NV, LABEL_ST, LABEL_SV  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX = 35

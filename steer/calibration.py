@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from steer.adapters import adapter_for
-from steer.methods.var import sink_scores
+from steer.methods.vlm.var import sink_scores
 
 __all__ = [
     "ChannelStats",

@@ -26,7 +26,7 @@ def _mount_evals() -> None:
 
 def _mount_calibration() -> None:
     try:
-        from steer.methods.calibration import calibrate_app
+        from steer.calibration import calibrate_app
     except ImportError:  # pragma: no cover - no calibration commands in this build
         return
     app.add_typer(calibrate_app, name="calibrate", help="Find model-specific constants (e.g. VAR's sink channels).")

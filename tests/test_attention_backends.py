@@ -15,8 +15,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import steer
 from steer import edits, zoo
-from steer.hooks import attention as attention_module
-from steer.hooks.attention import bool_mask
+from steer.backends.transformers import attention as attention_module
+from steer.backends.transformers.attention import bool_mask
 from steer.kernels import dispatch
 
 MIN = torch.finfo(torch.float32).min

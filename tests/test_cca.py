@@ -12,8 +12,8 @@ from helpers import generate, logits, with_cache
 import steer
 from steer import zoo
 from steer.adapters import adapter_for
-from steer.hooks.manager import Runtime
-from steer.methods.cca import (
+from steer.backends.transformers.runtime import Runtime
+from steer.methods.vlm.cca import (
     CCA,
     STOCK_WEIGHTS_WARNING,
     CCALayoutError,
@@ -47,7 +47,7 @@ def cca(model: torch.nn.Module, **params: object) -> steer.Steering:
 
 def raw_edits(model: torch.nn.Module, **params: object) -> list:
     """CCA's edits without the front door."""
-    method = CCA(resolve_params(CCA, dict(params, trained_checkpoint=True)), adapter_for(model), {})
+    method = CCA(resolve_params(CCA, dict(params, trained_checkpoint=True)), adapter_for(model).info, {})
     return method.edits()
 
 
@@ -523,13 +523,13 @@ def test_llava_next_blocks_all_rings_the_high_res_grid() -> None:
 
 def test_errors_non_square_llava_block_and_bad_params() -> None:
     model, processor = zoo.load_tiny("llava")
-    method = CCA(resolve_params(CCA, {}), adapter_for(model), {})
+    adapter = adapter_for(model)
+    method = CCA(resolve_params(CCA, {}), adapter.info, {})
     ids = torch.tensor([[1, 2] + [model.config.image_token_id] * 15 + [3]])
     with pytest.raises(CCALayoutError, match="not a square grid"):
-        method.blocks_for(ids, None)
-    assert [
-        b.grid for b in method.blocks_for(torch.tensor([[1] + [model.config.image_token_id] * 9]), None)[0]
-    ] == [(3, 3)]
+        method.blocks_for(adapter.image_layout(ids, None))
+    nine = torch.tensor([[1] + [model.config.image_token_id] * 9])
+    assert [b.grid for b in method.blocks_for(adapter.image_layout(nine, None))[0]] == [(3, 3)]
     with pytest.raises(steer.InvalidParameterError, match="mrope"):
         cca(model, mrope="ring_h")
     assert STOCK_WEIGHTS_WARNING.startswith("CCA was trained into its checkpoint")
@@ -540,7 +540,7 @@ def test_chunked_prefill_with_image_tokens_is_refused() -> None:
     inputs = row_of(processor, "llava", 0)
     ids = inputs["input_ids"]
     s = int((ids[0] == model.config.image_token_id).nonzero()[0])
-    with steer.apply(model, raw_edits(model)), torch.no_grad():
+    with steer.apply(model, "cca", trained_checkpoint=True), torch.no_grad():
         first = model(input_ids=ids[:, :s], use_cache=True)  # text-only first chunk
         with pytest.raises(CCALayoutError, match="chunked prefill"):
             model(
@@ -570,9 +570,8 @@ def with_fastervlm(model: torch.nn.Module, cca_params: dict | None = None, **fas
 
 
 def cca_scratch(model: torch.nn.Module) -> dict:
-    """CCA's per-call cache of the last prefill (its layout and masks)."""
-    scratch = Runtime.of(model).context.scratch
-    return next(v for k, v in scratch.items() if isinstance(k, tuple) and k[0] == "cca")
+    """CCA's per-call memo of the last prefill (its layout and masks)."""
+    return Runtime.of(model).context.call.memo["cca"]
 
 
 def hand_mask(length: int, start: int, ring: list[int], real: torch.Tensor) -> torch.Tensor:
@@ -616,7 +615,7 @@ def test_fastervlm_pruned_llava_block_rings_of_the_kept_coordinates(mode: str) -
         hook.remove()
         ids = Runtime.of(model).context.prompt_ids
         real = Runtime.of(model).context.padding_mask[:, : ids.shape[1]]  # the prompt columns
-        mask = next(v for k, v in cca_scratch(model).items() if k[0] == "mask")
+        mask = next(v for k, v in cca_scratch(model).items() if isinstance(k, tuple) and k[0] == "mask")
         kept_rows = [row[0]["kept"] for row in h.state["fastervlm"]["samples"]]
         samples = h.state["cca"]["samples"]
     length = ids.shape[1]
@@ -708,7 +707,8 @@ def test_fastervlm_spatial_layout_refuses_next_blocks_all() -> None:
 @pytest.mark.parametrize("params", [{}, {"mrope": "ring_all"}, {"mask": False}])
 def test_fastervlm_pruned_qwen_block(family: str, params: dict) -> None:
     """Qwen (merged 4 x 4 grid keeping 6): M-RoPE ids = CCA's on the unpruned prompt at the kept columns
-    (t = p0 + ring(i, j) of the original cell); the mask rings the kept tokens; the state shows the pruned block."""
+    (t = p0 + ring(i, j) of the original cell); the mask rings the kept tokens; the state shows the pruned block
+    (per row as the model's get_rope_index saw it, before beam expansion, as without pruning)."""
     model, processor = zoo.load_tiny(family)
     inputs = inputs_for(processor, family, n=2, size=(112, 112))
     with cca(model, **params):
@@ -724,7 +724,7 @@ def test_fastervlm_pruned_qwen_block(family: str, params: dict) -> None:
             runtime = Runtime.of(model)
             ids = runtime.context.prompt_ids
             real = runtime.context.padding_mask[:, : ids.shape[1]]
-            mask = next((v for k, v in cca_scratch(model).items() if k[0] == "mask"), None)
+            mask = next((v for k, v in cca_scratch(model).items() if isinstance(k, tuple) and k[0] == "mask"), None)
             fv = h.state["fastervlm"]["samples"]
             samples = h.state["cca"]["samples"]
     finally:
@@ -740,12 +740,12 @@ def test_fastervlm_pruned_qwen_block(family: str, params: dict) -> None:
         cols = torch.cat([torch.arange(s_full), s_full + kept, torch.arange(s_full + 16, width)])
         cols = cols[full[cols]]
         expected = full_ids[:, b, cols]
+        assert samples[b]["blocks"] == [
+            {"start": s, "grid": (4, 4), "R": 2, "tokens": 6, "kind": "image", "kept": kept.tolist()}
+        ]
+        assert torch.equal(samples[b]["position_ids"], expected)
         for r in (2 * b, 2 * b + 1):
             assert torch.equal(seen[0][:, r][:, real[r]], expected)
-            assert samples[r]["blocks"] == [
-                {"start": s, "grid": (4, 4), "R": 2, "tokens": 6, "kind": "image", "kept": kept.tolist()}
-            ]
-            assert torch.equal(samples[r]["position_ids"], expected)
             if mask is not None:
                 assert torch.equal(mask[r, 0], hand_mask(ids.shape[1], s, ring, real[r]))
         if params.get("mrope") != "ring_all":  # ring_t: t = p0 + ring(i, j) of the original cell

@@ -10,7 +10,7 @@ from helpers import batch_inputs, generate, hook_count, logits, real, row_inputs
 
 import steer
 from steer import edits, zoo
-from steer.hooks.manager import Runtime
+from steer.backends.transformers.runtime import Runtime
 
 
 def strong_edits(model: torch.nn.Module) -> list:

@@ -13,14 +13,12 @@ from helpers import batch_inputs, generate, hook_count, logits, row_inputs
 import steer
 from steer import zoo
 from steer.errors import InvalidParameterError, UnsupportedModelError
-from steer.hooks.manager import Runtime
-from steer.methods.fastervlm import (
-    FasterVLMError,
-    budget,
-    cls_attention,
-    next_token_counts,
-    select_top,
-)
+from steer.backends.transformers.runtime import Runtime
+from steer.adapters.llava_next import next_token_counts
+from steer.adapters.scores import cls_attention
+from steer.edits.artifacts import PrunedLayout
+from steer.errors import IncompatibleMethodsError
+from steer.methods.vlm.fastervlm import FasterVLMError, budget, select_top
 
 PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 QWEN = ("qwen2_vl", "qwen2_5_vl")
@@ -505,25 +503,29 @@ def test_composes_with_attention_methods(family: str) -> None:
 
 
 def test_composes_with_cca_on_the_kept_tokens() -> None:
-    """CCA lays out the pruned blocks from the record FasterVLM leaves in the per-forward context (the kept
+    """CCA lays out the pruned blocks from the PrunedLayout artifact FasterVLM publishes for the call (the kept
     tokens' original grid cells; details in tests/test_cca.py)."""
     model, processor = tiny("llava")
     with pytest.warns(UserWarning), steer.apply(model, ["cca", "fastervlm"], fastervlm={"reduction": 0.5}) as h:
         assert generate(model, batch_inputs(processor, "llava", n=1), max_new_tokens=3).shape == (1, 3)
-        record = Runtime.of(model).context.scratch["fastervlm"]
+        layout = Runtime.of(model).context.call.artifacts[PrunedLayout]
         kept = h.state["fastervlm"]["samples"][0][0]["kept"]
-        assert record["samples"] == h.state["fastervlm"]["samples"] and record["gap"] is None
+        assert [[image.record for image in row] for row in layout.images] == h.state["fastervlm"]["samples"]
+        assert layout.positions == "contiguous"
+        assert layout.images[0][0].blocks[0].kept.tolist() == kept.tolist()
         assert h.state["cca"]["samples"][0]["blocks"][0]["kept"] == kept.tolist()
 
 
-def test_still_refuses_a_grid_method_without_pruning_support(monkeypatch: pytest.MonkeyPatch) -> None:
-    from steer.methods.cca import CCA
+def test_refuses_a_grid_method_that_cannot_read_the_pruned_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method that uses the image grid but does not consume PrunedLayout is refused at apply, before anything
+    is installed (it would lay out the stock grid on a pruned prompt)."""
+    from steer.methods.vlm.cca import CCA
 
-    monkeypatch.setattr(CCA, "handles_pruned_tokens", False)
+    monkeypatch.setattr(CCA, "consumes", ())
     model, processor = tiny("llava")
-    with pytest.warns(UserWarning), steer.apply(model, ["cca", "fastervlm"]):
-        with pytest.raises(FasterVLMError, match="cca"):
-            generate(model, batch_inputs(processor, "llava", n=1))
+    with pytest.raises(IncompatibleMethodsError, match="fastervlm provides PrunedLayout.*cca"):
+        steer.apply(model, ["cca", "fastervlm"])
+    assert Runtime.of(model) is None
 
 
 def test_recipes() -> None:

@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 
 from steer.kernels import dispatch, group_reweight_reference, reweighted_attention  # noqa: E402
 from steer.kernels.triton_group import CoefficientRule, supports, triton_group_attention  # noqa: E402
-from steer.methods.var import var_coefficients  # noqa: E402
+from steer.methods.vlm.var import var_coefficients  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 B, HQ, HKV, D = 2, 4, 2, 16

@@ -25,8 +25,8 @@ from steer.adapters import adapter_for
 from steer.kernels import dispatch
 from steer.kernels.lse import attention_with_lse, causal_mask
 from steer.kernels.reference import eager_attention, group_reweight_reference
-from steer.methods import calibration
-from steer.methods.var import (
+from steer import calibration
+from steer.methods.vlm.var import (
     LABEL_NV,
     LABEL_OTHER,
     LABEL_ST,

@@ -17,9 +17,11 @@ from helpers import QUESTIONS, batch_inputs, generate, logits, real, row_inputs
 import steer
 from steer import zoo
 from steer.adapters import adapter_for
-from steer.hooks.manager import Runtime
-from steer.methods import vhr
-from steer.methods.vhr import VHR, auto_layers, head_divergence, reinforce, select_heads, strip_image_tokens
+from steer.backends.transformers.runtime import Runtime
+from steer.methods.vlm import vhr
+from steer.adapters.base import strip_tokens as strip_image_tokens
+from steer.backends.transformers.installers import source_run
+from steer.methods.vlm.vhr import VHR, auto_layers, head_divergence, reinforce, select_heads
 
 WORKED_VHD = torch.tensor([0.9, 0.2, 3.5, 0.4, 1.1, 0.3, 0.8, 0.6])
 WORKED_TA = torch.tensor([1.0, 1.2, 9.0, 0.9, 1.1, 1.0, 1.3, 0.8])
@@ -244,10 +246,7 @@ def test_identical_branches_select_nothing_and_change_nothing(
 ) -> None:
     """Test hook: the 'no-image' branch is the image branch itself -> every VHD is 0, no head, same output."""
 
-    def image_branch(self, kwargs, ectx, length=None):
-        return {k: kwargs[k] for k in ("inputs_embeds", "attention_mask", "position_ids")}
-
-    monkeypatch.setattr(VHR, "no_image_branch", image_branch)
+    monkeypatch.setitem(source_run.BUILDERS, "text_only", source_run.BUILDERS["same"])
     model, processor = zoo.load_tiny("qwen2_vl")
     inputs = batch_inputs(processor, "qwen2_vl")
     ref_logits, ref_tokens = logits(model, inputs), generate(model, inputs)

@@ -21,8 +21,8 @@ import steer
 from steer import zoo
 from steer.adapters import adapter_for
 from steer.edits import LogitsTransform
-from steer.hooks.manager import Runtime
-from steer.methods.vista import (
+from steer.backends.transformers.runtime import Runtime
+from steer.methods.vlm.vista import (
     augment_logits,
     resolve_window,
     similarity_scale,
@@ -229,13 +229,13 @@ def test_residual_mode_renormalises_block_outputs_and_sla_reads_steered_states()
             new - tilde * h.norm(dim=-1, keepdim=True) / tilde.norm(dim=-1, keepdim=True)
         ).abs().max() < 1e-5
         assert torch.allclose(new.norm(dim=-1), h.norm(dim=-1), rtol=1e-5)
-    # SLA on the steered window states [0, 2]: f_raw[0] is the lm_head output before the logits edit, then
-    # come the 3 window projections made inside it
+    # SLA on the steered window states [0, 2]: the 3 window projections (the logit lens of blocks 0..2, made
+    # as each block finishes), then the final lm_head output before the logits edit
     assert len(f_raw) == 4
     with torch.no_grad():
         window = [adapter.lm_head(steered[k][-1]) for k in (0, 1, 2)]
-    assert all(torch.equal(w, p) for w, p in zip(window, f_raw[1:]))
-    expected = f_raw[0] + gamma * (torch.stack(window).mean(0) - f_raw[0])
+    assert all(torch.equal(w, p) for w, p in zip(window, f_raw[:3]))
+    expected = f_raw[3] + gamma * (torch.stack(window).mean(0) - f_raw[3])
     assert (out - expected).abs().max() < 1e-4
 
 

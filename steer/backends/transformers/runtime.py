@@ -128,12 +128,15 @@ class Runtime(HandleRuntime):
     def clear_pending(self) -> None:
         self._local.pending = None
 
-    def call_store(self) -> CallStore:
-        """The store of the current call: the forward's, or (outside a forward) the pending one."""
+    def call_store(self, last: bool = False) -> CallStore:
+        """The store of the current call: the forward's, or (outside a forward) the pending one; with no pending
+        call, a new store, or with ``last`` the store of the last call in this thread."""
         if self.in_forward:
             return self.context.call
         pending = self.pending_call()
-        return pending if pending is not None else CallStore()
+        if pending is not None:
+            return pending
+        return self.context.call if last else CallStore()
 
     def active(self, edit: Edit, phase: str, run: str | None = None) -> bool:
         """Whether ``edit`` acts now: its runs include the current run and its phase matches."""

@@ -288,7 +288,8 @@ class CCA(Method):
     ``get_rope_index`` saw them, before beam expansion) a dict with ``blocks`` (start, grid, R, tokens,
     kind), ``deltas`` (Delta after each block), ``position_range`` (min, max id of the real tokens) and
     ``position_ids`` (the ids of the real tokens; [3, T] for Qwen). A pruned block also lists ``kept`` (its
-    tokens' indices in the stock block) and ``tokens`` is the kept count.
+    tokens' indices in the stock block) and ``tokens`` is the kept count (pruned or not, Qwen rows are the
+    rows ``get_rope_index`` saw).
     """
 
     name = "cca"

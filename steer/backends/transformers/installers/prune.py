@@ -311,7 +311,7 @@ class Pruner:
             """Stock ids of the unpruned prompt, pruned columns dropped, ``rope_deltas = max_pos + 1 - new_len``."""
             if self.runtime.run != MAIN:
                 return original(*args, **kwargs)
-            plan: Plan | None = self.runtime.call_store().memo.get(_PLAN)
+            plan: Plan | None = self.runtime.call_store(last=True).memo.get(_PLAN)
             bound = signature.bind_partial(*args, **kwargs).arguments
             ids = bound.get("input_ids")
             if (

@@ -13,6 +13,7 @@ text-only variant of the prompt), or both stacked along the batch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,7 +30,12 @@ if TYPE_CHECKING:
 _KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
 
 
-def same_inputs(kwargs: dict, args: tuple, ctx: ForwardFacts) -> tuple[dict[str, Any], torch.Tensor | None]:
+Inputs = dict[str, Any]
+
+
+def same_inputs(
+    runtime: Runtime, kwargs: dict, args: tuple, ctx: ForwardFacts, length: int | None = None
+) -> tuple[Inputs, torch.Tensor | None]:
     """The prefill's own language-model inputs (a static cache's mask cut to the prompt) and their padding."""
     inputs = {k: kwargs[k] for k in _KEYS if kwargs.get(k) is not None}
     if args and "inputs_embeds" not in inputs:  # positional input_ids
@@ -46,17 +52,27 @@ def same_inputs(kwargs: dict, args: tuple, ctx: ForwardFacts) -> tuple[dict[str,
 
 
 def text_only_inputs(
-    runtime: Runtime, ctx: ForwardFacts, padding: torch.Tensor | None, length: int | None = None
-) -> dict[str, Any]:
-    """The adapter's text-only variant of the call's prompt. ``padding`` [B, T] stands in when the call's own
-    padding does not cover the prompt (a static cache hands the model a 4-D mask)."""
+    runtime: Runtime, kwargs: dict, args: tuple, ctx: ForwardFacts, length: int | None = None
+) -> tuple[Inputs, torch.Tensor | None]:
+    """The adapter's text-only variant of the call's prompt (left padded, to ``length`` when given). The
+    prompt's padding comes from the call, or from the prefill's mask when the call's does not cover the prompt
+    (a static cache hands the model a 4-D mask)."""
     ids = ctx.prompt_ids
     assert ids is not None  # auxiliary runs need input_ids; the runtime refuses embeddings-only calls first
     real = ctx.padding_mask
     if real is None or tuple(real.shape) != tuple(ids.shape):
+        _, padding = same_inputs(runtime, kwargs, args, ctx)
         real = padding.bool() if padding is not None and tuple(padding.shape) == tuple(ids.shape) else None
     with runtime.running(None):  # other methods' position edits stay off while the rows are built
-        return runtime.adapter.text_only_inputs(ids, real, length)
+        inputs = runtime.adapter.text_only_inputs(ids, real, length)
+    return inputs, inputs["attention_mask"].bool()
+
+
+#: How each part of a SourceRun's inputs is built (tests substitute entries).
+BUILDERS: dict[str, Callable[..., tuple[Inputs, torch.Tensor | None]]] = {
+    "same": same_inputs,
+    "text_only": text_only_inputs,
+}
 
 
 def explicit_positions(runtime: Runtime, positions: torch.Tensor | None, batch: int, width: int, device: Any) -> torch.Tensor:
@@ -72,27 +88,34 @@ def explicit_positions(runtime: Runtime, positions: torch.Tensor | None, batch: 
     return positions.reshape(-1, width).expand(batch, width)
 
 
-def stacked_inputs(runtime: Runtime, kwargs: dict, ctx: ForwardFacts) -> dict[str, Any]:
-    """The prefill's rows (as the language model got them) then the text-only rows, left padded to T."""
-    embeds = kwargs.get("inputs_embeds")
-    if embeds is None:
-        embeds = runtime.adapter.embed_tokens(kwargs["input_ids"])
-    batch, width = embeds.shape[:2]
-    mask = kwargs.get("attention_mask")
-    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-        padding = ctx.padding_mask
-        mask = padding if padding is not None else torch.ones(batch, width, dtype=torch.long)
-    mask = mask.to(embeds.device).long()
-    positions = explicit_positions(runtime, kwargs.get("position_ids"), batch, width, embeds.device)
-    other = text_only_inputs(runtime, ctx, None, length=width)
-    other_pos = explicit_positions(runtime, other.get("position_ids"), batch, width, embeds.device)
-    if runtime.adapter.position_scheme == "mrope" and positions.shape[0] != other_pos.shape[0]:
-        positions, other_pos = positions[-3:], other_pos[-3:]  # [3, B, T] with [4, B, T]: keep t/h/w
-    return {
-        "inputs_embeds": torch.cat([embeds, other["inputs_embeds"].to(embeds.dtype)], dim=0),
-        "attention_mask": torch.cat([mask, other["attention_mask"].to(mask.device).long()], dim=0),
-        "position_ids": torch.cat([positions, other_pos], dim=-2),
+def stacked_inputs(
+    runtime: Runtime, parts: tuple[str, ...], kwargs: dict, args: tuple, ctx: ForwardFacts
+) -> tuple[Inputs, torch.Tensor]:
+    """The parts' rows stacked along the batch: embeddings, 2-D masks and explicit positions, the later parts
+    left padded to the first part's width (M-RoPE: [3, B, T] and [4, B, T] positions keep t/h/w)."""
+    rows: list[Inputs] = []
+    width: int | None = None
+    for part in parts:
+        inputs, padding = BUILDERS[part](runtime, kwargs, args, ctx, width)
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            embeds = runtime.adapter.embed_tokens(inputs["input_ids"])
+        batch, width = embeds.shape[0], embeds.shape[1]
+        mask = inputs.get("attention_mask")
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            mask = padding if padding is not None else torch.ones(batch, width, dtype=torch.long)
+        positions = explicit_positions(runtime, inputs.get("position_ids"), batch, width, embeds.device)
+        rows.append({"inputs_embeds": embeds, "attention_mask": mask.to(embeds.device).long(), "position_ids": positions})
+    if runtime.adapter.position_scheme == "mrope" and len({r["position_ids"].shape[0] for r in rows}) > 1:
+        for r in rows:
+            r["position_ids"] = r["position_ids"][-3:]  # [3, B, T] with [4, B, T]: keep t/h/w
+    first = rows[0]["inputs_embeds"]
+    stacked = {
+        "inputs_embeds": torch.cat([r["inputs_embeds"].to(first.dtype) for r in rows], dim=0),
+        "attention_mask": torch.cat([r["attention_mask"].to(first.device) for r in rows], dim=0),
+        "position_ids": torch.cat([r["position_ids"] for r in rows], dim=-2),
     }
+    return stacked, stacked["attention_mask"].bool()
 
 
 @installer(SourceRun, rank=30)
@@ -112,15 +135,10 @@ def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
         if key in done:
             return None
         done[key] = True
-        if parts == ("same",):
-            inputs, padding = same_inputs(kwargs, args, ctx)
-        elif parts == ("text_only",):
-            _, padding = same_inputs(kwargs, args, ctx)
-            inputs = text_only_inputs(runtime, ctx, padding)
-            padding = inputs["attention_mask"].bool()
+        if len(parts) == 1:
+            inputs, padding = BUILDERS[parts[0]](runtime, kwargs, args, ctx)
         else:
-            inputs = stacked_inputs(runtime, kwargs, ctx)
-            padding = inputs["attention_mask"].bool()
+            inputs, padding = stacked_inputs(runtime, parts, kwargs, args, ctx)
         reference = inputs.get("inputs_embeds", inputs.get("input_ids"))
         facts = dataclasses.replace(
             ctx, batch_size=int(reference.shape[0]), query_len=int(reference.shape[1]), past_length=0,
@@ -133,4 +151,4 @@ def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
     runtime.add_hook(runtime.adapter.text_model.register_forward_pre_hook(hook, with_kwargs=True))
 
 
-__all__ = ["explicit_positions", "install_source_run", "same_inputs", "stacked_inputs", "text_only_inputs"]
+__all__ = ["BUILDERS", "explicit_positions", "install_source_run", "same_inputs", "stacked_inputs", "text_only_inputs"]
