@@ -49,7 +49,7 @@ from memory import peak_bytes  # noqa: E402  (benchmarks/memory.py)
 from steer.kernels import group_reweight_reference, reweighted_attention, triton_group  # noqa: E402
 from steer.kernels.dispatch import ONE_PASS_MAX_ROWS  # noqa: E402
 from steer.kernels.lse import MATH_MAX_ROWS, attention_with_lse  # noqa: E402
-from steer.kernels.triton_group import CoefficientRule  # noqa: E402
+from steer.methods.vlm.var import var_rule  # noqa: E402
 from steer.methods.vlm.var import LABEL_NV, LABEL_ST, LABEL_SV  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -90,7 +90,7 @@ def make_case(
     positions = torch.arange(offset, prompt)
     rows = (positions >= start + n_img)[None]
     mask = torch.ones(q_len, prompt, dtype=torch.bool).tril(offset)[None, None]
-    rule = CoefficientRule.var(0.6, 0.5, 0.2, float(n_img), groups=(LABEL_SV, LABEL_ST, LABEL_NV))
+    rule = var_rule(0.6, 0.5, 0.2, float(n_img), groups=(LABEL_SV, LABEL_ST, LABEL_NV))
     return {
         "q": q,
         "k": k,

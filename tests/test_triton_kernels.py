@@ -21,8 +21,9 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from steer.kernels import dispatch, group_reweight_reference, reweighted_attention  # noqa: E402
-from steer.kernels.triton_group import CoefficientRule, supports, triton_group_attention  # noqa: E402
-from steer.methods.vlm.var import var_coefficients  # noqa: E402
+from steer.kernels.rules import CoefficientRule  # noqa: E402
+from steer.kernels.triton_group import supports, triton_group_attention  # noqa: E402
+from steer.methods.vlm.var import var_coefficients, var_rule  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 B, HQ, HKV, D = 2, 4, 2, 16
@@ -34,7 +35,7 @@ RULES = {
     "none": None,
     "constant": CoefficientRule.constant([1.0, 0.3, 0.6, 1.8]),
     "constant-c0": CoefficientRule.constant([0.5, 0.5, 2.0, 0.5]),  # c_0 != 1; groups 1, 3 folded into 0
-    "var": CoefficientRule.var(0.6, 0.5, 0.2, torch.tensor([24.0, 20.0])),
+    "var": var_rule(0.6, 0.5, 0.2, torch.tensor([24.0, 20.0])),
 }
 
 
@@ -154,8 +155,8 @@ def test_rows_and_base_out_compute_only_edited_rows() -> None:
     out2 = triton_group_attention(q, k, v, labels, scale=SCALE, rule=rule, mask=mask, rows=rows)
     _close(out2, _reference(q, k, v, mask, labels, rule, rows=rows), torch.float32)
     # sample_ok = False leaves the whole sample unedited (VAR without a visual sink)
-    skip = CoefficientRule.var(
-        0.6, 0.5, 0.2, rule.n_visual, sample_ok=torch.tensor([True, False], device=DEV)
+    skip = var_rule(
+        0.6, 0.5, 0.2, rule.per_sample["n_tokens"], sample_ok=torch.tensor([True, False], device=DEV)
     )
     out3, sel = triton_group_attention(
         q, k, v, labels, scale=SCALE, rule=skip, mask=mask, rows=rows, base_out=base, return_selected=True
@@ -193,7 +194,7 @@ def test_worked_row_of_the_spec() -> None:
     k = alpha.log().view(1, 1, 8, 1).to(DEV)
     v = torch.arange(8.0).view(1, 1, 8, 1).to(DEV)
     labels = torch.tensor([[2, 0, 3, 1, 3, 3, 3, 0]], device=DEV)
-    rule = CoefficientRule.var(0.6, 0.5, 0.2, 5.0)
+    rule = var_rule(0.6, 0.5, 0.2, 5.0)
     stock = triton_group_attention(q, k, v, labels, scale=1.0)
     out = triton_group_attention(q, k, v, labels, scale=1.0, rule=rule)
     assert stock.item() == pytest.approx(2.80, abs=1e-5)
@@ -204,7 +205,9 @@ def test_worked_row_of_the_spec() -> None:
 # the rule object and the dispatcher
 
 
-def test_var_rule_equals_var_coefficients() -> None:
+def test_var_rule_equals_var_coefficients_under_any_group_labels() -> None:
+    """The registered "var" rule is var_coefficients; with other group labels (5 groups, Sv=4, St=1, Nv=2) it
+    reads and writes the rule's columns and leaves the others at 1."""
     g = torch.Generator().manual_seed(5)
     masses = torch.rand(3, 2, 50, 4, generator=g)
     masses = masses / masses.sum(-1, keepdim=True)
@@ -212,8 +215,15 @@ def test_var_rule_equals_var_coefficients() -> None:
     masses[1, 1, :5, 1] = 0.0  # no visual sink mass
     nvis, has = torch.tensor([10.0, 0.0, 5.0]), torch.tensor([True, True, False])
     want, selected = var_coefficients(masses, 0.6, 0.5, 0.2, nvis, has_visual_sink=has)
-    got = CoefficientRule.var(0.6, 0.5, 0.2, nvis, sample_ok=has).coefficients(masses)
+    got = var_rule(0.6, 0.5, 0.2, nvis, sample_ok=has).coefficients(masses)
     assert torch.equal(got, want) and 0 < int(selected.sum()) < selected.numel()
+    wide = torch.zeros(3, 2, 50, 5)
+    wide[..., 0], wide[..., 4], wide[..., 1], wide[..., 2] = masses[..., 0], masses[..., 1], masses[..., 2], masses[..., 3]
+    moved = var_rule(0.6, 0.5, 0.2, nvis, groups=(4, 1, 2), sample_ok=has).coefficients(wide)
+    assert torch.equal(moved[..., [0, 4, 1, 2]], want) and bool((moved[..., 3] == 1).all())
+    assert var_rule(0.6, 0.5, 0.2, nvis).epilogue == "gated_transfer"
+    with pytest.raises(ValueError, match="distinct"):
+        var_rule(0.6, 0.5, 0.2, nvis, groups=(1, 1, 2))
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
@@ -224,7 +234,7 @@ def test_dispatcher_three_paths_agree(phase: str, monkeypatch: pytest.MonkeyPatc
     rows = torch.zeros(B, lq, dtype=torch.bool, device=DEV)
     rows[:, -12:] = True
     seen: list[torch.Tensor] = []
-    rule = CoefficientRule.var(0.6, 0.5, 0.2, torch.tensor([24.0, 20.0]), on_selected=seen.append)
+    rule = var_rule(0.6, 0.5, 0.2, torch.tensor([24.0, 20.0]), on_selected=seen.append)
     base = reweighted_attention(q, k, v, mask, SCALE, labels, _fn(None), impl="reference")
     kw = dict(rows=rows, base_out=base, rule=rule)
     outs = {
@@ -258,7 +268,7 @@ def test_dispatcher_causal_flag_without_a_mask(lq: int) -> None:
     tri = _causal(lq, 48)
     rows = torch.zeros(B, lq, dtype=torch.bool, device=DEV)
     rows[:, -5:] = True
-    rule = CoefficientRule.var(0.6, 0.5, 0.2, torch.tensor([24.0, 20.0]))
+    rule = var_rule(0.6, 0.5, 0.2, torch.tensor([24.0, 20.0]))
     base = reweighted_attention(q, k, v, tri, SCALE, labels, _fn(None), impl="reference")
     kw = dict(rows=rows, base_out=base, rule=rule)
     want = reweighted_attention(q, k, v, tri, SCALE, labels, rule.coefficients, impl="reference", **kw)
@@ -277,7 +287,7 @@ def test_lazy_base_is_skipped_for_short_row_blocks(lq: int) -> None:
     mask = _causal(lq, 40) & keep[:, None, None, :]
     rows = torch.zeros(B, lq, dtype=torch.bool, device=DEV)
     rows[0, -1] = True  # sample 1: no edited row
-    rule = CoefficientRule.var(0.6, 0.5, 0.2, torch.tensor([24.0, 20.0]))
+    rule = var_rule(0.6, 0.5, 0.2, torch.tensor([24.0, 20.0]))
     base = reweighted_attention(q, k, v, mask, SCALE, labels, _fn(None), impl="reference")
     kw = dict(rows=rows, rule=rule)
     want = reweighted_attention(q, k, v, mask, SCALE, labels, rule.coefficients, impl="reference", base_out=base, **kw)

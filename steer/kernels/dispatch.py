@@ -13,7 +13,7 @@ from steer.kernels.lse import causal_mask, group_reweight
 from steer.kernels.reference import Coefficients, group_reweight_reference
 
 if TYPE_CHECKING:
-    from steer.kernels.triton_group import CoefficientRule
+    from steer.kernels.rules import CoefficientRule
 
 __all__ = ["IMPLS", "forced_impl", "reweighted_attention"]
 
@@ -73,7 +73,7 @@ def reweighted_attention(
     warning).
 
     ``rule``: the same coefficients as ``coefficients``, in the fixed form the kernel evaluates in its
-    epilogue (:class:`steer.kernels.triton_group.CoefficientRule`); the torch paths ignore it and call
+    epilogue (:class:`steer.kernels.rules.CoefficientRule`); the torch paths ignore it and call
     ``coefficients``. After a Triton call ``rule.on_selected(selected [B, Hq, Lq] bool)`` runs, if set.
     """
     if impl not in IMPLS:

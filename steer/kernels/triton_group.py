@@ -12,16 +12,16 @@ as on the LSE-merge path) and the reweighted output ``o' = Σ_g c_g m_g out_g`` 
 
     o' = (c_0 A + Σ_k (c_k − c_0) A_k) / L           ÷ (c_0 + Σ_k (c_k − c_0) m_k)   when renormalising,
 
-with the coefficients computed in-kernel from the masses by a fixed :class:`CoefficientRule`:
+with the coefficients computed in-kernel from the masses by a registered rule's epilogue
+(`steer.kernels.rules`):
 
 * ``"constant"``: ``c = (c_0, …, c_G)`` for every edited row (``GroupReweight(coefficients=[...])``). Groups
   whose coefficient equals ``c_0`` are folded into the background, so only the others get a slot (G ≤ 4).
-* ``"var"`` (VAR, ``specs/var.md`` steps 5–6, exactly ``steer.methods.var.var_coefficients``): with the
-  masses of the visual sinks Sv, text sinks St and non-sink visual keys Nv, ``V = m_Sv + m_Nv``, a row is
-  selected iff it is edited, its sample is ``sample_ok`` (has a visual sink), ``V ≥ min_visual_mass``,
-  ``m_Sv / (V + |vis|·1e-6) ≤ 1 − ρ`` and ``m_Nv > 0``; then ``c_Sv = c_St = p``,
-  ``c_Nv = 1 + Ω / m_Nv`` with ``Ω = (1 − p)(m_Sv + m_St)``, ``c_O = 1``; otherwise c = 1. Two slots
-  (Sv ∪ St, Nv) plus one mass-only sum (Sv).
+* ``"gated_transfer"`` (VAR registers its rule on it, ``specs/var.md`` steps 5–6): with the masses of the
+  groups (a, b, r) = ``rule.groups``, ``V = m_a + m_r``, a row is selected iff it is edited, its sample's
+  ``gate`` is set, ``V ≥ min_mass``, ``m_a / (V + n·1e-6) ≤ 1 − rho`` and ``m_r > 0``; then
+  ``c_a = c_b = keep``, ``c_r = 1 + Ω / m_r`` with ``Ω = (1 − keep)(m_a + m_b)``, others 1; otherwise c = 1.
+  Two slots (a ∪ b, r) plus one mass-only sum (a).
 
 Arbitrary Python coefficient callables stay on the LSE-merge path (:mod:`steer.kernels.lse`); the
 dispatcher (:func:`steer.kernels.dispatch.reweighted_attention`) picks this kernel on CUDA when the edit
@@ -56,12 +56,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import Tensor
+
+from steer.kernels.rules import CoefficientRule
 
 __all__ = [
     "HAVE_TRITON",
@@ -76,13 +74,10 @@ __all__ = [
 #: whether triton is importable (the `kernels` extra); the kernels themselves load on first use.
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-_RULE_NONE, _RULE_CONSTANT, _RULE_VAR = 0, 1, 2
+_RULE_NONE, _RULE_CONSTANT, _RULE_TRANSFER = 0, 1, 2
 
 #: at most this many accumulator slots (groups with a coefficient other than c_0) per kernel.
 MAX_SLOTS = 4
-
-#: the per-visual-token eps of VAR's sink share, m_Sv / (V + |vis|·eps) (steer.methods.var.SHARE_EPS).
-VAR_SHARE_EPS = 1e-6
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -91,101 +86,6 @@ _LOG2E = 1.4426950408889634
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# --------------------------------------------------------------------------------------------------
-# coefficient rules
-
-
-@dataclass(frozen=True)
-class CoefficientRule:
-    """A coefficient function of the group masses that the Triton kernel evaluates in its epilogue.
-
-    Build one with :meth:`constant` or :meth:`var`. :meth:`coefficients` is the same rule in torch (for the
-    LSE-merge and reference paths: ``c = rule.coefficients(masses [B, H, n, G+1])``). ``on_selected``, if
-    set, is called by the dispatcher after a Triton call with the bool [B, Hq, Lq] tensor of the rows the
-    rule edited (VAR counts them into ``Steering.state``); the torch paths never call it.
-    """
-
-    kind: Literal["constant", "var"]
-    values: tuple[float, ...] = ()
-    p: float = 1.0
-    rho: float = 0.0
-    min_visual_mass: float = 0.0
-    groups: tuple[int, int, int] = (1, 2, 3)
-    n_visual: Tensor | float = 0.0
-    sample_ok: Tensor | None = None
-    on_selected: Callable[[Tensor], None] | None = None
-
-    @classmethod
-    def constant(cls, values: Sequence[float]) -> CoefficientRule:
-        """``c_g = values[g]`` for every edited row (g = 0..G, 0 = background); values ≥ 0, finite."""
-        vals = tuple(float(v) for v in values)
-        if not vals:
-            raise ValueError("CoefficientRule.constant needs at least one value (c_0)")
-        if any(not math.isfinite(v) or v < 0 for v in vals):
-            raise ValueError(f"CoefficientRule.constant: coefficients must be finite and >= 0, got {vals}")
-        return cls(kind="constant", values=vals)
-
-    @classmethod
-    def var(
-        cls,
-        p: float,
-        rho: float,
-        min_visual_mass: float,
-        n_visual: Tensor | float,
-        *,
-        groups: tuple[int, int, int] = (1, 2, 3),
-        sample_ok: Tensor | None = None,
-        on_selected: Callable[[Tensor], None] | None = None,
-    ) -> CoefficientRule:
-        """VAR's row selection and redistribution (``steer.methods.var.var_coefficients``).
-
-        ``groups`` = the labels of (Sv, St, Nv); every other label is "other" (c = 1). ``n_visual``: |vis|
-        per sample ([B] or a number); ``sample_ok``: bool [B], False = leave the sample unchanged (no visual
-        sink, ``skip_layers_without_visual_sink``).
-        """
-        if len(set(groups)) != 3 or min(groups) < 1:
-            raise ValueError(f"CoefficientRule.var: groups must be three distinct labels >= 1, got {groups}")
-        return cls(
-            kind="var",
-            p=float(p),
-            rho=float(rho),
-            min_visual_mass=float(min_visual_mass),
-            groups=tuple(int(g) for g in groups),  # type: ignore[arg-type]
-            n_visual=n_visual,
-            sample_ok=sample_ok,
-            on_selected=on_selected,
-        )
-
-    @property
-    def num_groups(self) -> int:
-        """G: the highest label the rule gives a coefficient to."""
-        return len(self.values) - 1 if self.kind == "constant" else max(self.groups)
-
-    def coefficients(self, masses: Tensor) -> Tensor:
-        """The rule in torch: ``masses`` [B, H, n, G+1] fp32 -> ``c`` broadcastable to it (fp32)."""
-        if self.kind == "constant":
-            if len(self.values) != masses.shape[-1]:
-                raise ValueError(f"{len(self.values)} coefficients for {masses.shape[-1]} groups (incl. 0)")
-            return torch.tensor(self.values, dtype=torch.float32, device=masses.device)
-        sv, st, nv = self.groups
-        m_sv, m_st, m_nv = masses[..., sv], masses[..., st], masses[..., nv]
-        visual = m_sv + m_nv
-        nvis = torch.as_tensor(self.n_visual, dtype=masses.dtype, device=masses.device)
-        if nvis.dim() == 1:
-            nvis = nvis[:, None, None]
-        share = m_sv / (visual + nvis * VAR_SHARE_EPS)
-        selected = (visual >= self.min_visual_mass) & (share <= 1.0 - self.rho) & (m_nv > 0)
-        if self.sample_ok is not None:
-            selected = selected & self.sample_ok.to(masses.device).bool()[:, None, None]
-        omega = (1.0 - self.p) * (m_sv + m_st)
-        c_nv = 1.0 + omega / torch.where(m_nv > 0, m_nv, torch.ones_like(m_nv))
-        c = torch.ones_like(masses)
-        c[..., sv] = self.p
-        c[..., st] = self.p
-        c[..., nv] = c_nv
-        return torch.where(selected[..., None], c, torch.ones_like(c))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +165,9 @@ def supports(
         return "query heads must be a multiple of key/value heads"
     if mask is not None and mask.dtype != torch.bool:
         return f"mask must be bool, got {mask.dtype}"
-    if rule is not None and rule.kind == "constant":
+    if rule is not None and rule.epilogue is None:
+        return f"the coefficient rule {rule.kind!r} has no kernel epilogue (it runs on the LSE-merge path)"
+    if rule is not None and rule.epilogue == "constant":
         c0 = rule.values[0]
         if sum(1 for c in rule.values[1:] if c != c0) > MAX_SLOTS:
             return f"more than {MAX_SLOTS} groups with a coefficient other than c_0"
@@ -334,7 +236,7 @@ def triton_group_attention(
         if labels is None:
             labels = torch.zeros(b, lk, dtype=torch.long, device=dev)
         lab = _labels2d(labels.to(dev), b, lk)
-        if rule.kind == "constant":
+        if rule.epilogue == "constant":
             rule_id = _RULE_CONSTANT
             c0 = rule.values[0]
             kept = [g for g in range(1, len(rule.values)) if rule.values[g] != c0]
@@ -354,18 +256,20 @@ def triton_group_attention(
             coef[0] = c0
             for slot, g in enumerate(kept, start=1):
                 coef[slot] = rule.values[g]
-        elif rule.kind == "var":
-            rule_id, nacc = _RULE_VAR, 2
+        elif rule.epilogue == "gated_transfer":
+            rule_id, nacc = _RULE_TRANSFER, 2
             g_sv, g_st, g_nv = rule.groups
             lab = lab.to(torch.int32)
-            nvis = torch.as_tensor(rule.n_visual, dtype=torch.float32, device=dev).expand(b).contiguous()
-            p_coef = rule.p
-            one_minus_rho = float(torch.tensor(1.0 - rule.rho, dtype=torch.float32))
-            min_vis = float(torch.tensor(rule.min_visual_mass, dtype=torch.float32))
-            if rule.sample_ok is not None:
-                sample_ok = rule.sample_ok.to(dev).bool().reshape(-1).expand(b)
+            nvis = torch.as_tensor(rule.per_sample.get("n_tokens", 0.0), dtype=torch.float32, device=dev)
+            nvis = nvis.expand(b).contiguous()
+            p_coef = float(rule.params["keep"])
+            one_minus_rho = float(torch.tensor(1.0 - rule.params["rho"], dtype=torch.float32))
+            min_vis = float(torch.tensor(rule.params["min_mass"], dtype=torch.float32))
+            gate = rule.per_sample.get("gate")
+            if gate is not None:
+                sample_ok = gate.to(dev).bool().reshape(-1).expand(b)
         else:
-            raise ValueError(f"unknown coefficient rule {rule.kind!r}")
+            raise ValueError(f"the coefficient rule {rule.kind!r} has no kernel epilogue")
         if nacc == 0:
             rule_id = _RULE_CONSTANT  # c_0 only: still a constant (matters with renormalize: c_0 / c_0)
         lab = lab.to(torch.int32).contiguous()

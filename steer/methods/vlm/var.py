@@ -48,7 +48,7 @@ from steer.edits.context import EditContext
 from steer.edits.facts import ModelInfo
 from steer.edits.kinds import Collect, Edit, GroupReweight
 from steer.errors import InvalidParameterError
-from steer.kernels.rules import CoefficientRule
+from steer.kernels.rules import CoefficientRule, register_rule
 from steer.registry import Method, param, register
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "sink_flags",
     "sink_scores",
     "var_coefficients",
+    "var_rule",
 ]
 
 #: Key-group labels handed to `GroupReweight` (0 = every other key).
@@ -149,6 +150,61 @@ def var_coefficients(
     c = torch.stack([ones, sink_c, sink_c, c_nv], dim=-1)
     c = torch.where(selected[..., None], c, torch.ones_like(c))
     return c, selected
+
+
+def _rule_coefficients(rule: CoefficientRule, masses: Tensor) -> Tensor:
+    """The ``"var"`` coefficient rule in torch: :func:`var_coefficients` with the rule's parameters."""
+    sv, st, nv = rule.groups
+    if (sv, st, nv) != (LABEL_SV, LABEL_ST, LABEL_NV):  # the rule's groups, in VAR's column order
+        index = torch.tensor([0, sv, st, nv], device=masses.device)
+        order = torch.arange(masses.shape[-1], device=masses.device)
+        masses = masses.index_select(-1, index)
+    else:
+        order = None
+    gate = rule.per_sample.get("gate")
+    c, _ = var_coefficients(
+        masses,
+        p=rule.params["keep"],
+        rho=rule.params["rho"],
+        min_visual_mass=rule.params["min_mass"],
+        n_visual=rule.per_sample.get("n_tokens", 0.0),
+        has_visual_sink=gate,
+    )
+    if order is None:
+        return c
+    out = torch.ones(*c.shape[:-1], order.numel(), dtype=c.dtype, device=c.device)
+    out[..., [sv, st, nv]] = c[..., 1:]
+    return out
+
+
+#: VAR's rule, evaluated by the kernel's gated-transfer epilogue (`steer.kernels.rules`).
+register_rule("var", _rule_coefficients, epilogue="gated_transfer")
+
+
+def var_rule(
+    p: float,
+    rho: float,
+    min_visual_mass: float,
+    n_visual: Tensor | float,
+    *,
+    groups: tuple[int, int, int] = (LABEL_SV, LABEL_ST, LABEL_NV),
+    sample_ok: Tensor | None = None,
+    on_selected: Any = None,
+) -> CoefficientRule:
+    """Steps 5-6 as a kernel rule: ``groups`` = the labels of (Sv, St, Nv); ``n_visual`` = |vis| per sample
+    ([B] or a number); ``sample_ok`` bool [B] (False = leave the sample unchanged: no visual sink)."""
+    if len(set(groups)) != 3 or min(groups) < 1:
+        raise ValueError(f"var_rule: groups must be three distinct labels >= 1, got {groups}")
+    per_sample: dict[str, Any] = {"n_tokens": n_visual}
+    if sample_ok is not None:
+        per_sample["gate"] = sample_ok
+    return CoefficientRule(
+        kind="var",
+        params={"keep": float(p), "rho": float(rho), "min_mass": float(min_visual_mass)},
+        groups=tuple(int(g) for g in groups),
+        per_sample=per_sample,
+        on_selected=on_selected,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,12 +458,11 @@ class VAR(Method):
             if eligible is not None:
                 entry["eligible"] += eligible.sum(-1)
 
-        return CoefficientRule.var(
+        return var_rule(
             p.p,
             p.rho,
             p.min_visual_mass,
             entry["n_visual"],
-            groups=(LABEL_SV, LABEL_ST, LABEL_NV),
             sample_ok=entry["has_visual_sink"] if p.skip_layers_without_visual_sink else None,
             on_selected=record,
         )
