@@ -27,6 +27,7 @@ from steer.backends.lifecycle import HandleRuntime
 from steer.backends.transformers import attention as attention_fn
 from steer.backends.transformers.images import ImageMetadata
 from steer.backends.transformers.masks import padding_from_mask
+from steer.backends.transformers.runs import run_key
 from steer.edits.context import CallStore, EditContext, ForwardFacts
 from steer.edits.kinds import MAIN, Edit
 from steer.errors import ImageLayoutError, MissingImageTokensError
@@ -36,11 +37,6 @@ if TYPE_CHECKING:
 
 _RUNTIME_ATTR = "_steer_runtime"
 _PREFILL_INPUT_KEYS = ("image_grid_thw", "image_sizes", "pixel_values", "mm_token_type_ids", "video_grid_thw")
-
-
-def run_key(owner: str, name: str) -> str:
-    """The key of an auxiliary run of ``owner`` named ``name`` (``"main"`` stays ``"main"``)."""
-    return MAIN if name == MAIN else f"{owner}/{name}"
 
 
 class TensorSite:
@@ -375,4 +371,4 @@ def _run_ops(site: TensorSite, x: torch.Tensor, runtime: Runtime) -> torch.Tenso
     return x if changed else None
 
 
-__all__ = ["Runtime", "TensorSite", "run_key"]
+__all__ = ["Runtime", "TensorSite"]

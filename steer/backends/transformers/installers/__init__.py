@@ -10,70 +10,7 @@ then input edits, then auxiliary runs, then everything else, each in apply order
 Adding a kind = one new module here that registers its installer (and an import below).
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-from steer.edits.kinds import Edit
-
-if TYPE_CHECKING:
-    from steer.backends.transformers.runtime import Runtime
-
-
-@dataclass(frozen=True)
-class Installer:
-    install: Callable[[Runtime, Any], None]
-    rank: int = 50
-    check: Callable[[Any, Any], None] | None = None
-
-
-INSTALLERS: dict[type, Installer] = {}
-
-
-def installer(
-    *kinds: type[Edit], rank: int = 50, check: Callable[[Any, Any], None] | None = None
-) -> Callable[[Callable[[Runtime, Any], None]], Callable[[Runtime, Any], None]]:
-    """Register the decorated function as the installer of ``kinds``."""
-
-    def register(fn: Callable[[Runtime, Any], None]) -> Callable[[Runtime, Any], None]:
-        for kind in kinds:
-            INSTALLERS[kind] = Installer(fn, rank, check)
-        return fn
-
-    return register
-
-
-def installer_for(edit: Edit) -> Installer:
-    for kind in type(edit).__mro__:
-        found = INSTALLERS.get(kind)
-        if found is not None:
-            return found
-    raise TypeError(
-        f"steer does not know how to install {type(edit).__name__} on a transformers model; use an edit from "
-        "steer.edits"
-    )
-
-
-def ordered(edits: Iterable[Edit]) -> list[Edit]:
-    """``edits`` in install order: by their installer's rank, then as given."""
-    return sorted(edits, key=lambda e: installer_for(e).rank)
-
-
-def install(runtime: Runtime, edit: Edit) -> None:
-    installer_for(edit).install(runtime, edit)
-
-
-def check(adapter: Any, edit: Edit) -> None:
-    """Refuse an edit the model cannot take (typed error) before anything is installed."""
-    found = installer_for(edit)
-    if found.check is not None:
-        found.check(adapter, edit)
-
-
-# the kinds (each module registers its installer)
-from steer.backends.transformers.installers import (  # noqa: E402,F401
+from steer.backends.transformers.installers import (  # noqa: F401  (each module registers its installer)
     attention,
     escape,
     inputs,
@@ -82,6 +19,15 @@ from steer.backends.transformers.installers import (  # noqa: E402,F401
     prune,
     source_run,
     tensor_sites,
+)
+from steer.backends.transformers.installers.registry import (
+    INSTALLERS,
+    Installer,
+    check,
+    install,
+    installer,
+    installer_for,
+    ordered,
 )
 
 __all__ = ["INSTALLERS", "Installer", "check", "install", "installer", "installer_for", "ordered"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from steer.backends.transformers.installers import installer
+from steer.backends.transformers.installers.registry import installer
 from steer.edits.kinds import AttentionMask, GroupReweight, HeadOutputEdit, HeadScale, LayerEdit
 
 if TYPE_CHECKING:

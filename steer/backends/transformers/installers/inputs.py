@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from steer.backends.transformers.installers import installer
+from steer.backends.transformers.installers.registry import installer
 from steer.edits.kinds import InputEdit
 
 if TYPE_CHECKING:

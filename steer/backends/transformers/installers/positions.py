@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from steer.backends.transformers.installers import installer
+from steer.backends.transformers.installers.registry import installer
 from steer.edits.context import ForwardFacts
 from steer.edits.kinds import MAIN, Positions
 from steer.errors import ImageLayoutError

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from steer.backends.transformers.installers import installer
+from steer.backends.transformers.installers.registry import installer
 from steer.edits.artifacts import PrunedImage, PrunedLayout
 from steer.edits.context import CallStore
 from steer.edits.facts import runs

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from steer.backends.transformers.installers import installer
+from steer.backends.transformers.installers.registry import installer
 from steer.backends.transformers.masks import padding_of, prompt_mask
+from steer.backends.transformers.runs import run_key
 from steer.edits.context import ForwardFacts
 from steer.edits.kinds import MAIN, SourceRun
 
@@ -120,8 +121,6 @@ def stacked_inputs(
 
 @installer(SourceRun, rank=30)
 def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
-    from steer.backends.transformers.runtime import run_key
-
     parts = edit.parts()
     key = run_key(edit.owner, edit.name)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from steer.backends.transformers.installers import installer
+from steer.backends.transformers.installers.registry import installer
 from steer.backends.transformers.collected import select, store
 from steer.edits.kinds import Collect, TensorEdit
 
