@@ -37,3 +37,7 @@ class AlreadySteeredError(SteerError, RuntimeError):
 
 class SteeringRemovedError(SteerError, RuntimeError):
     """A handle was used after `remove()`."""
+
+
+class EvalInputError(SteerError, ValueError):
+    """Unusable evaluation input: a missing file, a malformed record, an unknown option or id."""

@@ -1,7 +1,7 @@
 """steer.evals: hallucination scoring (CHAIR captions, POPE yes/no answers); no model needed."""
 
+from steer.errors import EvalInputError
 from steer.evals.chair import (
-    EvalInputError,
     GroundTruth,
     build_gt_from_coco,
     caption_mentions,
