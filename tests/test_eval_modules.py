@@ -281,3 +281,16 @@ def test_task_records() -> None:
         "error": "unreadable",
     }
     assert PopeTask([sample], {}, {}).record(sample, "yes", 1, None)["answer"] == "yes"
+
+
+def test_shipped_data_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    from steer.evals.tasks import chair as chair_task_module
+    from steer.evals.tasks import pope as pope_task_module
+
+    ids = chair_task_module.opera500_ids()
+    assert ids is not None and len(ids) == 500 == len(set(ids))
+    monkeypatch.delenv("STEER_POPE_DIR", raising=False)
+    found = pope_task_module.find_questions("random", "2023-08", None)
+    assert found.name == "coco_pope_random_2023-08.json.gz" and found.parent.name == "data"
+    with pytest.raises(errors.EvalInputError, match="no POPE question file coco_pope_random.json"):
+        pope_task_module.find_questions("random", "current", Path("/nonexistent"))
