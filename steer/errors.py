@@ -52,3 +52,5 @@ class VisionPruningError(SteerError, ValueError):
 class IncompatibleMethodsError(SteerError, ValueError):
     """Methods that cannot run together as given: one needs an artifact no other provides, consumes one that
     comes later, or relies on a fact another method's artifact invalidates."""
+class EvalInputError(SteerError, ValueError):
+    """Unusable evaluation input: a missing file, a malformed record, an unknown option or id."""

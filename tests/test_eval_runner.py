@@ -13,13 +13,14 @@ from typer.testing import CliRunner
 
 from steer import zoo
 from steer.cli import app
-from steer.evals import pope, runner
+from steer.evals import generation, pope, prompts, run, tasks
 from steer.evals.loading import load_model
+from steer.evals.settings import EvalSettings, SettingsMismatchError, check_settings
 
 DATA = Path(__file__).parent / "data"
 IDS = [int(x) for x in (DATA / "opera500_image_ids.txt").read_text().split()[:6]]
 ENV = {"COLUMNS": "200"}
-GENERATE = runner._generate_batch
+GENERATE = generation.generate_batch
 
 
 def coco_name(image_id: int, suffix: str = ".jpg") -> str:
@@ -74,7 +75,7 @@ def count_generations(
         done.extend(range(len(prompts)))
         return inner(loaded, prompts, imgs, generation)
 
-    monkeypatch.setattr(runner, "_generate_batch", wrapped)
+    monkeypatch.setattr(generation, "generate_batch", wrapped)
     return done
 
 
@@ -233,7 +234,7 @@ def test_report_lists_hallucinated_objects(
     def fake(loaded: Any, prompts: list[str], imgs: list[Any], generation: Any) -> list[tuple[str, int]]:
         return [("A giraffe stands next to a surfboard and a man.", 12) for _ in prompts]
 
-    monkeypatch.setattr(runner, "_generate_batch", fake)
+    monkeypatch.setattr(generation, "generate_batch", fake)
     out = tmp_path / "run"
     result = invoke(*chair_args(model_dir, images, out))
     assert result.exit_code == 0, result.output
@@ -303,7 +304,7 @@ def test_pope_with_scripted_answers_scores_exactly(
     def fake(loaded: Any, prompts: list[str], imgs: list[Any], generation: Any) -> list[tuple[str, int]]:
         return [(next(answers), 2) for _ in prompts]
 
-    monkeypatch.setattr(runner, "_generate_batch", fake)
+    monkeypatch.setattr(generation, "generate_batch", fake)
     out = tmp_path / "pope"
     result = invoke(
         "pope",
@@ -328,7 +329,7 @@ def test_pope_with_scripted_answers_scores_exactly(
 def _loader(model_dir: Path) -> Callable[[], Any]:
     def load() -> Any:
         loaded = load_model(str(model_dir))
-        return loaded, runner.resolve_template("auto", loaded.model_type, loaded.processor)
+        return loaded, prompts.resolve_template("auto", loaded.model_type, loaded.processor)
 
     return load
 
@@ -336,15 +337,15 @@ def _loader(model_dir: Path) -> Callable[[], Any]:
 def test_two_shards_merge_to_the_single_process_result(
     baseline: tuple[Path, Any], model_dir: Path, images: Path, tmp_path: Path
 ) -> None:
-    task = runner.chair_task(images)
+    task = tasks.chair_task(images)
     base = json.loads((baseline[0] / "settings.json").read_text())["settings"]
-    settings = runner.EvalSettings(**base)
+    settings = EvalSettings(**base)
     assert settings.stable_hash() == json.loads((baseline[0] / "settings.json").read_text())["hash"]
     out = tmp_path / "sharded"
     load = _loader(model_dir)
-    runner.check_settings(out, settings, write=True)
+    check_settings(out, settings, write=True)
     stats = [
-        runner.generate_shard(task, settings, out, load, rank=rank, world_size=2, progress=False)
+        run.generate_shard(task, settings, out, load, rank=rank, world_size=2, progress=False)
         for rank in (1, 0)
     ]
     assert [s.generated for s in stats] == [3, 3]
@@ -353,24 +354,20 @@ def test_two_shards_merge_to_the_single_process_result(
         "samples.rank1.jsonl",
     ]
     assert [r["image_id"] for r in lines(out / "samples.rank0.jsonl")] == sorted(IDS)[0::2]
-    payload = runner.finish_run(task, settings, out)
+    payload = run.finish_run(task, settings, out)
     assert sorted(p.name for p in out.glob("samples*.jsonl")) == ["samples.jsonl"]
     assert (out / "samples.jsonl").read_text() == (baseline[0] / "samples.jsonl").read_text()
     assert payload["metrics"] == json.loads((baseline[0] / "metrics.json").read_text())["metrics"]
     # a shard that was interrupted resumes on its own file; the other shard's samples are not redone
     (out / "metrics.json").unlink()
-    again = runner.generate_shard(task, settings, out, load, rank=1, world_size=2, progress=False)
+    again = run.generate_shard(task, settings, out, load, rank=1, world_size=2, progress=False)
     assert again.generated == 0 and again.already_done == 3
 
 
 def test_settings_hash_is_stable_and_ignores_batch_size() -> None:
-    a = runner.EvalSettings(
-        task="chair", model="m", max_new_tokens=8, batch_size=1, selection={"n": 2, "a": 1}
-    )
-    b = runner.EvalSettings(
-        task="chair", model="m", max_new_tokens=8, batch_size=16, selection={"a": 1, "n": 2}
-    )
-    c = runner.EvalSettings(task="chair", model="m", max_new_tokens=9)
+    a = EvalSettings(task="chair", model="m", max_new_tokens=8, batch_size=1, selection={"n": 2, "a": 1})
+    b = EvalSettings(task="chair", model="m", max_new_tokens=8, batch_size=16, selection={"a": 1, "n": 2})
+    c = EvalSettings(task="chair", model="m", max_new_tokens=9)
     assert a.stable_hash() == b.stable_hash() != c.stable_hash()
     assert len(a.stable_hash()) == 16
 
@@ -423,22 +420,20 @@ def test_pope_several_splits_from_a_questions_folder(
 
 
 def test_settings_of_a_run_without_samples_may_change(tmp_path: Path) -> None:
-    a = runner.EvalSettings(task="chair", model="m", max_new_tokens=8)
-    b = runner.EvalSettings(task="chair", model="m", max_new_tokens=9)
-    assert runner.check_settings(tmp_path, a) is False
-    assert runner.check_settings(tmp_path, a) is True
-    assert (
-        runner.check_settings(tmp_path, b) is False
-    )  # nothing generated yet (e.g. the model failed to load)
+    a = EvalSettings(task="chair", model="m", max_new_tokens=8)
+    b = EvalSettings(task="chair", model="m", max_new_tokens=9)
+    assert check_settings(tmp_path, a) is False
+    assert check_settings(tmp_path, a) is True
+    assert check_settings(tmp_path, b) is False  # nothing generated yet (e.g. the model failed to load)
     (tmp_path / "samples.jsonl").write_text('{"key": "1", "image_id": 1, "caption": "x"}\n')
-    with pytest.raises(runner.SettingsMismatchError, match="max_new_tokens: 9 -> 8"):
-        runner.check_settings(tmp_path, a)
+    with pytest.raises(SettingsMismatchError, match="max_new_tokens: 9 -> 8"):
+        check_settings(tmp_path, a)
 
 
 def test_anchors_for_llava_15_7b() -> None:
     from steer.evals import report
 
-    settings = runner.EvalSettings(
+    settings = EvalSettings(
         task="chair", model="llava-hf/llava-1.5-7b-hf", max_new_tokens=512, selection={"source": "opera500"}
     )
     payload = {

@@ -1,7 +1,19 @@
-"""steer.evals: hallucination scoring (CHAIR captions, POPE yes/no answers); no model needed."""
+"""steer.evals: hallucination scoring (CHAIR captions, POPE yes/no answers); no model needed.
 
+Importing the package gives the scorers only. The modules, from the bottom up:
+
+* ``chair``, ``pope``: CHAIR and POPE scoring (files in, metrics out); ``report``: ``metrics.json``,
+  ``report.md`` and the compare table; ``builtin``: the built-in SynthScenes benchmark; ``loading``: model +
+  processor loading.
+* ``steer eval`` runs: ``settings`` (the run's settings and ``settings.json``), ``journal`` (``samples.jsonl``
+  and its shards), ``prompts`` (templates), ``generation`` (one batch through ``model.generate``),
+  ``sharding`` (processes of ``accelerate launch``), ``session`` (load + apply the steer methods),
+  ``tasks/`` (one module per benchmark), ``run`` (``run_eval``: the whole run), ``options`` (the command's
+  options -> settings), ``cli`` (the Typer apps).
+"""
+
+from steer.errors import EvalInputError
 from steer.evals.chair import (
-    EvalInputError,
     GroundTruth,
     build_gt_from_coco,
     caption_mentions,

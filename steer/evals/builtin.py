@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from steer.evals.chair import EvalInputError
+from steer.errors import EvalInputError
 
 __all__ = [
     "BUILTIN_DEMO",

@@ -37,7 +37,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from steer.errors import SteerError
+from steer.errors import EvalInputError
 
 __all__ = [
     "EvalInputError",
@@ -65,10 +65,6 @@ MISSING_GT = ("error", "empty")
 _DATA = "data"
 _SYNONYMS_FILE = "synonyms.txt"
 _GT_FILE = "coco2014_gt_objects.json.gz"
-
-
-class EvalInputError(SteerError, ValueError):
-    """Unusable evaluation input: a missing file, a malformed record, an unknown option or id."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Command-line scoring: ``steer chair ...`` and ``steer pope ...`` (two Typer apps mounted by ``steer.cli``).
+"""The evaluation commands, three Typer apps mounted by ``steer.cli``: ``steer chair ...`` and ``steer pope ...``
+(scoring files of captions/answers) and ``steer eval ...`` (generate + score in one run, `steer.evals.run`).
 
 Bad input prints one ``error: ...`` line on stderr and exits with code 2. ``--json`` prints exactly one flat JSON
 object on stdout (rates in percent, rounded as papers print them: CHAIR one decimal, POPE two; raw counts
@@ -8,7 +9,6 @@ alongside). Per-item records go to ``--out`` or next to the input (``<stem>.chai
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -20,9 +20,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from steer.evals import chair, pope
-from steer.evals.chair import EvalInputError
-from steer.evals.runner import CHAIR_PROMPT, POPE_PROMPTS
+from steer.errors import EvalInputError, SteerError
+from steer.evals import chair, journal, pope, report
+from steer.evals.options import Bench, RunOptions, check_choice, default_out
+from steer.evals.run import run_eval
+from steer.evals.session import session_loader
+from steer.evals.sharding import distributed_context, process_device_map
+from steer.evals.tasks import Task, chair_task, pope_task
+from steer.protocols import CHAIR_PROMPT, POPE_PROMPTS
 
 chair_app = typer.Typer(help="CHAIR caption hallucination scoring.", no_args_is_help=True)
 pope_app = typer.Typer(help="POPE yes/no hallucination scoring.", no_args_is_help=True)
@@ -99,12 +104,6 @@ def _echo_json(payload: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
-    if value not in allowed:
-        raise EvalInputError(f"unknown {option} {value!r}; expected one of {', '.join(allowed)}")
-    return value
-
-
 # --------------------------------------------------------------------------------------------------
 # steer chair
 # --------------------------------------------------------------------------------------------------
@@ -146,9 +145,9 @@ def chair_score(
 ) -> None:
     """Score captions: CHAIR_s, CHAIR_i, Recall, Len (percent, one decimal)."""
     with _clean_errors():
-        _choice(duplicates, chair.DUPLICATES, "--duplicates")
-        _choice(missing_gt, chair.MISSING_GT, "--missing-gt")
-        _choice(lineage, chair.LINEAGES, "--lineage")
+        check_choice(duplicates, chair.DUPLICATES, "--duplicates")
+        check_choice(missing_gt, chair.MISSING_GT, "--missing-gt")
+        check_choice(lineage, chair.LINEAGES, "--lineage")
         if gt_objects is not None and coco_annotations is not None:
             raise EvalInputError("give either --gt-objects or --coco-annotations, not both")
         _require_file(captions, "captions file")
@@ -255,7 +254,7 @@ def pope_score(
 ) -> None:
     """Score yes/no answers: accuracy, precision, recall, F1, yes-ratio, off-format rate (percent)."""
     with _clean_errors():
-        _choice(parser, pope.PARSERS, "--parser")
+        check_choice(parser, pope.PARSERS, "--parser")
         _require_file(answers, "answers file")
         _require_file(questions, "questions file")
         qset = pope.load_questions(questions)
@@ -296,7 +295,7 @@ def pope_score(
 
 
 # --------------------------------------------------------------------------------------------------
-# steer eval: generation + scoring in one run (steer.evals.runner)
+# steer eval: generation + scoring in one run (steer.evals.run)
 # --------------------------------------------------------------------------------------------------
 
 eval_app = typer.Typer(
@@ -312,8 +311,6 @@ def _eval_group() -> None:
 @contextmanager
 def _eval_errors(out: Path | None = None) -> Iterator[None]:
     """Input and steer errors: one stderr line, exit 2. Ctrl-C: say what is saved and how to resume, exit 130."""
-    from steer.errors import SteerError
-
     try:
         with _clean_errors():
             yield
@@ -328,25 +325,6 @@ def _eval_errors(out: Path | None = None) -> Iterator[None]:
         raise typer.Exit(code=130) from None
 
 
-def _method_params(items: list[str], methods: list[str]) -> dict[str, Any]:
-    """``-p NAME=VALUE`` (JSON value, else a string); ``-p METHOD.NAME=VALUE`` targets one method."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise EvalInputError(f"--param expects NAME=VALUE or METHOD.NAME=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        method, _, name = key.partition(".")
-        if name and method in methods:
-            out.setdefault(method, {})[name] = value
-        else:
-            out[key] = value
-    return out
-
-
 def _expand_splits(splits: list[str]) -> list[str]:
     out: list[str] = []
     for split in splits:
@@ -354,172 +332,32 @@ def _expand_splits(splits: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _make_loader(
-    settings: Any,
-    run_dir: Path,
-    *,
-    load_in_4bit: bool,
-    load_in_8bit: bool,
-    device_map: Any,
-    write: bool,
-) -> Callable[[], Any]:
-    """The runner's ``load()``: load the model, apply the steer methods/recipe, resolve the prompt template,
-    record what was resolved in ``settings.json``. The steering handle stays active for the process."""
-    handles: list[Any] = []
-
-    def load() -> Any:
-        import steer
-        from steer.evals import loading, runner
-
-        loaded = loading.load_model(
-            settings.model,
-            dtype=settings.dtype,
-            device_map=device_map,
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-            attn_implementation=settings.attn_implementation,
-        )
-        spec: list[Any] = []
-        recipe_name = None
-        if settings.recipe:
-            recipe_name = settings.recipe if "/" in settings.recipe else f"{loaded.family}/{settings.recipe}"
-            spec.append(steer.recipe(recipe_name))
-        spec += list(settings.methods)
-        params: dict[str, Any] = {}
-        if spec:
-            handle = steer.apply(loaded.model, spec, **settings.params)
-            handles.append(handle)
-            params = json.loads(json.dumps(handle.params, default=str))
-        elif settings.params:
-            raise EvalInputError("--param was given but no --method or --recipe")
-        template = runner.resolve_template(settings.template, loaded.model_type, loaded.processor)
-        text_config = getattr(loaded.model.config, "text_config", loaded.model.config)
-        resolved = {
-            "family": loaded.family,
-            "model_type": loaded.model_type,
-            "source": loaded.source,
-            "template": template,
-            "prompt_example": runner.build_prompt(
-                settings.prompt.replace("{question}", "<question>"),
-                template,
-                loaded.model_type,
-                loaded.processor,
-            ),
-            "recipe": recipe_name,
-            "params": params,
-            "text_hidden_size": getattr(text_config, "hidden_size", None),
-            "text_layers": getattr(text_config, "num_hidden_layers", None),
-            **loaded.info,
-        }
-        if write:
-            runner.record_resolved(run_dir, resolved)
-        return loaded, template
-
-    return load
+BuildTask = Callable[[RunOptions, Bench | None], Task]
+"""Makes the task once the defaults are filled in: ``build(options, bench)`` (``bench``: ``None``, or a function
+giving the built-in split, see `RunOptions.with_defaults`)."""
 
 
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    # option -> (COCO default, built-in benchmark default)
-    "chair": {"max_new_tokens": (512, 64), "batch_size": (1, 16)},
-    "pope": {"max_new_tokens": (128, 16), "batch_size": (1, 16)},
-}
-
-
-def _resolve_defaults(task_name: str, common: dict[str, Any]) -> Callable[[], Any] | None:
-    """Fill the options left unset (``None``); with ``--model builtin:demo`` from the built-in benchmark
-    (its images, batch 16, short generations, the ``plain`` template the demo model was trained on).
-
-    Returns ``None`` for other models, else a function giving the built-in split; the split is written to
-    the zoo cache on its first call only, so a run whose own files replace all of the split's never writes it.
-    """
-    from steer.evals import builtin
-
-    bench = functools.cache(builtin.split) if builtin.is_builtin(common["model"]) else None
-    for name, (coco, demo) in _DEFAULTS[task_name].items():
-        if common[name] is None:
-            common[name] = demo if bench is not None else coco
-    if common["images"] is None:
-        if bench is None:
-            raise EvalInputError(
-                f"--images is required (the COCO val2014 folder); or run the built-in benchmark: "
-                f"steer eval {task_name} --model {builtin.BUILTIN_DEMO}"
-            )
-        common["images"] = bench().images
-    if bench is not None and common["template"] == "auto":
-        common["template"] = "plain"
-    return bench
-
-
-def _default_out(settings: Any) -> Path:
-    """``runs/<task>-<model>-<methods>-<settings hash>``: one folder per distinct run, resumed when repeated."""
-    model = Path(settings.model).name if "/" in settings.model else settings.model
-    slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in f"{model}-{settings.method_label}")
-    return Path("runs") / f"{settings.task}-{slug}-{settings.stable_hash()[:8]}"
-
-
-def _run_eval(task_name: str, build: Callable[[Any], Any], common: dict[str, Any], extra_prompt: str) -> None:
-    """Shared body of ``steer eval chair`` and ``steer eval pope``; ``build(bench)`` makes the task once the
-    defaults are resolved (``bench``: ``None``, or a function giving the built-in split, see `_resolve_defaults`)."""
-    from steer.evals import report, runner
-    from steer.evals.loading import DTYPES, quantization_config, resolve_model_name
-
-    out: Path | None = common["out"]
+def _run_eval(task_name: str, options: RunOptions, build: BuildTask, prompt: str) -> None:
+    """Shared body of ``steer eval chair`` and ``steer eval pope``: ``prompt`` is the user text (template)
+    recorded in the settings."""
+    out = options.out
     with _eval_errors(out):
-        bench = _resolve_defaults(task_name, common)
-        if common["batch_size"] < 1:
-            raise EvalInputError(f"--batch-size must be >= 1, got {common['batch_size']}")
-        if common["max_new_tokens"] < 1:
-            raise EvalInputError(f"--max-new-tokens must be >= 1, got {common['max_new_tokens']}")
-        if common["num_beams"] < 1:
-            raise EvalInputError(f"--num-beams must be >= 1, got {common['num_beams']}")
-        _choice(common["dtype"], DTYPES, "--dtype")
-        _choice(common["template"], runner.TEMPLATES, "--template")
-        if common["load_in_4bit"] or common["load_in_8bit"]:
-            quantization_config(common["load_in_4bit"], common["load_in_8bit"], common["dtype"])
-        methods = list(dict.fromkeys(common["method"]))
-        task = build(bench)
-        rank, world_size, state = runner.distributed_context()
-        device_map: Any = common["device_map"]
-        if world_size > 1 and device_map is None:
-            import torch
-
-            device_map = {"": state.device} if torch.cuda.is_available() else None
-        settings = runner.EvalSettings(
-            task=task_name,
-            model=resolve_model_name(common["model"]),
-            methods=methods,
-            params=_method_params(common["param"], methods),
-            recipe=common["recipe"],
-            dtype=common["dtype"],
-            quantization="4bit" if common["load_in_4bit"] else "8bit" if common["load_in_8bit"] else None,
-            attn_implementation=common["attn_implementation"],
-            template=common["template"],
-            prompt=extra_prompt,
-            max_new_tokens=common["max_new_tokens"],
-            num_beams=common["num_beams"],
-            selection=task.selection,
-            batch_size=common["batch_size"],
-            device_map=device_map if isinstance(device_map, (str, type(None))) else str(device_map),
-            images=str(Path(common["images"]).resolve()),
-        )
+        options, bench = options.with_defaults(task_name)
+        options.check()
+        task = build(options, bench)
+        rank, world_size, state = distributed_context()
+        device_map = process_device_map(options.device_map, world_size, state)
+        settings = options.settings(task_name, task.selection, prompt, device_map)
         if out is None:
-            out = _default_out(settings)
+            out = default_out(settings)
             typer.echo(f"run folder: {out}", err=True)
-        load = _make_loader(
-            settings,
-            out,
-            load_in_4bit=common["load_in_4bit"],
-            load_in_8bit=common["load_in_8bit"],
-            device_map=device_map,
-            write=rank == 0,
-        )
-        payload = runner.run_eval(
+        payload = run_eval(
             task,
             settings,
             out,
-            load,
-            retry_errors=common["retry_errors"],
-            progress=common["progress"],
+            session_loader(settings, out, device_map=device_map, write=rank == 0),
+            retry_errors=options.retry_errors,
+            progress=options.progress,
             rank=rank,
             world_size=world_size,
             state=state,
@@ -541,32 +379,10 @@ def _run_eval(task_name: str, build: Callable[[Any], Any], common: dict[str, Any
     notes = [f"{samples['scored']} of {samples['total']} samples scored, {samples['errors']} errors"]
     _show(f"steer eval {task_name} - {payload['method']}", rows, notes)
     typer.echo(
-        f"samples: {out / 'samples.jsonl'}; metrics: {out / report.METRICS_FILE}; report: {out / report.REPORT_FILE}",
+        f"samples: {out / journal.SAMPLES_FILE}; metrics: {out / report.METRICS_FILE}; "
+        f"report: {out / report.REPORT_FILE}",
         err=True,
     )
-
-
-def _common(
-    model: str,
-    method: list[str],
-    param: list[str],
-    recipe: str | None,
-    images: Path | None,
-    num_images: int,
-    max_new_tokens: int | None,
-    batch_size: int | None,
-    out: Path | None,
-    dtype: str,
-    device_map: str | None,
-    load_in_4bit: bool,
-    load_in_8bit: bool,
-    attn_implementation: str | None,
-    template: str,
-    num_beams: int,
-    retry_errors: bool,
-    progress: bool,
-) -> dict[str, Any]:
-    return dict(locals())
 
 
 _MODEL = typer.Option(
@@ -658,33 +474,12 @@ def eval_chair(
     ),
 ) -> None:
     """Caption COCO images and score CHAIR_s / CHAIR_i / Recall / Len; resumable (same command, same --out)."""
-    common = _common(
-        model,
-        method,
-        param,
-        recipe,
-        images,
-        num_images,
-        max_new_tokens,
-        batch_size,
-        out,
-        dtype,
-        device_map,
-        load_in_4bit,
-        load_in_8bit,
-        attn_implementation,
-        template,
-        num_beams,
-        retry_errors,
-        progress,
-    )
+    options = RunOptions.from_values(locals())
 
-    def build(bench: Any) -> Any:
-        from steer.evals import runner
-
-        return runner.chair_task(
-            common["images"],
-            num_images=num_images,
+    def build(options: RunOptions, bench: Bench | None) -> Task:
+        return chair_task(
+            options.images_dir,
+            num_images=options.num_images,
             image_ids=image_ids,
             gt_objects=gt_objects or (bench().gt_objects if bench is not None else None),
             prompt=prompt,
@@ -693,7 +488,7 @@ def eval_chair(
             synonyms=synonyms or (bench().synonyms if bench is not None else None),
         )
 
-    _run_eval("chair", build, common, prompt)
+    _run_eval("chair", options, build, prompt)
 
 
 @eval_app.command("pope")
@@ -736,45 +531,26 @@ def eval_pope(
     parser: str = typer.Option("official", "--parser", help="official, opera or strict."),
 ) -> None:
     """Ask POPE yes/no questions and score accuracy / precision / recall / F1 / yes-ratio; resumable."""
-    common = _common(
-        model,
-        method,
-        param,
-        recipe,
-        images,
-        num_images,
-        max_new_tokens,
-        batch_size,
-        out,
-        dtype,
-        device_map,
-        load_in_4bit,
-        load_in_8bit,
-        attn_implementation,
-        template,
-        num_beams,
-        retry_errors,
-        progress,
-    )
+    options = RunOptions.from_values(locals())
 
-    def build(bench: Any) -> Any:
-        from steer.evals import runner
-
+    def build(options: RunOptions, bench: Bench | None) -> Task:
         splits = _expand_splits(split or (["all"] if bench is not None else ["random"]))
-        own = bench is not None and questions is None and questions_dir is None
-        return runner.pope_task(
-            common["images"],
+        question_files = None
+        if bench is not None and questions is None and questions_dir is None:  # the built-in split's own
+            question_files = {s: bench().pope_questions(s) for s in pope.SPLITS}
+        return pope_task(
+            options.images_dir,
             splits=splits,
-            question_files={s: bench().pope_questions(s) for s in pope.SPLITS} if own else None,
+            question_files=question_files,
             questions=questions,
             questions_dir=questions_dir,
             version=pope_version,
-            num_images=num_images,
+            num_images=options.num_images,
             prompt=prompt,
             parser=parser,
         )
 
-    _run_eval("pope", build, common, POPE_PROMPTS.get(prompt, prompt))
+    _run_eval("pope", options, build, POPE_PROMPTS.get(prompt, prompt))
 
 
 @eval_app.command("compare")
@@ -785,8 +561,6 @@ def eval_compare(
     as_json: bool = typer.Option(False, "--json", help="Print the table's data as JSON."),
 ) -> None:
     """One table of the runs: method, model, settings, metrics and deltas against the first run."""
-    from steer.evals import report
-
     with _clean_errors():
         if as_json:
             _echo_json(report.compare_rows(runs))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steer.evals.chair import EvalInputError
+from steer.errors import EvalInputError
 
 __all__ = [
     "DTYPES",
@@ -169,7 +169,7 @@ def load_model(
             (the trained steer-demo-llava shipped in ``steer/zoo/demo/``).
         dtype: ``auto`` (the checkpoint's dtype), ``float32``, ``float16`` or ``bfloat16``.
         device_map: passed to ``from_pretrained``; ``None`` means ``"auto"`` when CUDA is available, else CPU.
-            Under ``accelerate launch`` the runner passes ``{"": <this process's device>}``.
+            Under ``accelerate launch`` ``steer eval`` passes ``{"": <this process's device>}``.
         load_in_4bit / load_in_8bit: quantize with bitsandbytes (``pip install 'steer-toolkit[quant]'``).
         attn_implementation: ``sdpa`` (default of transformers), ``eager``, ``flash_attention_2``, ...
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steer.evals.chair import EvalInputError
+from steer.errors import EvalInputError
 
 __all__ = [
     "KNOWN_QUESTION_FILES",

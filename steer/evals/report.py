@@ -18,7 +18,6 @@ baselines from ``specs/chair.md`` and ``specs/pope.md``), examples of hallucinat
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections import Counter
@@ -26,7 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from steer.evals.chair import EvalInputError
+from steer.errors import EvalInputError
+from steer.evals.settings import EvalSettings, flatten, write_json_atomic
 
 __all__ = [
     "ANCHORS",
@@ -122,7 +122,7 @@ def metrics_payload(
     *,
     task: str,
     run_dir: Path,
-    settings: Any,
+    settings: EvalSettings,
     resolved: Mapping[str, Any],
     records: Sequence[Mapping[str, Any]],
     scores: Mapping[str, Any],
@@ -156,9 +156,7 @@ def metrics_payload(
 def write_metrics(run_dir: Path, payload: Mapping[str, Any]) -> Path:
     """Write ``RUN_DIR/metrics.json`` atomically; return its path."""
     path = Path(run_dir) / METRICS_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, payload)
     return path
 
 
@@ -427,18 +425,9 @@ def write_report(
 _COMPARE_SKIP = {"methods", "params", "recipe", "model"}
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping) and value:
-        out: dict[str, Any] = {}
-        for key in sorted(value):
-            out.update(_flat(value[key], f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
 def _settings_summary(payload: Mapping[str, Any]) -> dict[str, Any]:
     settings = payload["settings"]
-    flat = {k: v for k, v in _flat(settings).items() if k.split(".")[0] not in _COMPARE_SKIP}
+    flat = {k: v for k, v in flatten(settings).items() if k.split(".")[0] not in _COMPARE_SKIP}
     if payload.get("method") != "baseline":
         flat["params"] = json.dumps(
             (payload.get("resolved") or {}).get("params") or settings.get("params") or {}

@@ -37,7 +37,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from steer.evals.runner import CHAIR_PROMPT, POPE_PROMPTS
+from steer.protocols import CHAIR_PROMPT, POPE_PROMPTS
 
 from . import synthscenes
 from .inputs import chat_prompt
