@@ -49,8 +49,12 @@ from memory import peak_bytes  # noqa: E402  (benchmarks/memory.py)
 from steer.kernels import group_reweight_reference, reweighted_attention, triton_group  # noqa: E402
 from steer.kernels.dispatch import ONE_PASS_MAX_ROWS  # noqa: E402
 from steer.kernels.lse import MATH_MAX_ROWS, attention_with_lse  # noqa: E402
-from steer.methods.vlm.var import var_rule  # noqa: E402
-from steer.methods.vlm.var import LABEL_NV, LABEL_ST, LABEL_SV  # noqa: E402
+from steer.methods.vlm.var import (  # noqa: E402
+    LABEL_NV,
+    LABEL_ST,
+    LABEL_SV,
+    var_rule,  # noqa: E402
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX = 35

@@ -13,7 +13,12 @@ from typing import Any, Union
 
 import steer.methods  # noqa: F401  (registers the built-in methods)
 from steer.edits.kinds import Edit
-from steer.errors import AlreadySteeredError, IncompatibleMethodsError, InvalidParameterError, UnsupportedModelError
+from steer.errors import (
+    AlreadySteeredError,
+    IncompatibleMethodsError,
+    InvalidParameterError,
+    UnsupportedModelError,
+)
 from steer.recipe_files import Recipe, recipe
 from steer.registry import STAGES, Method, describe_params, get_method, registered, resolve_params
 

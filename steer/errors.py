@@ -50,7 +50,9 @@ class VisionPruningError(SteerError, ValueError):
 
 
 class IncompatibleMethodsError(SteerError, ValueError):
-    """Methods that cannot run together as given: one needs an artifact no other provides, consumes one that
-    comes later, or relies on a fact another method's artifact invalidates."""
+    """Methods that cannot run together as given: one requires an artifact nobody provides, or relies on a fact
+    that another method's artifact invalidates without reading the artifact."""
+
+
 class EvalInputError(SteerError, ValueError):
     """Unusable evaluation input: a missing file, a malformed record, an unknown option or id."""

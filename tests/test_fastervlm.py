@@ -12,12 +12,11 @@ from helpers import batch_inputs, generate, hook_count, logits, row_inputs
 
 import steer
 from steer import zoo
-from steer.errors import InvalidParameterError, UnsupportedModelError
-from steer.backends.transformers.runtime import Runtime
 from steer.adapters.llava_next import next_token_counts
 from steer.adapters.scores import cls_attention
+from steer.backends.transformers.runtime import Runtime
 from steer.edits.artifacts import PrunedLayout
-from steer.errors import IncompatibleMethodsError
+from steer.errors import IncompatibleMethodsError, InvalidParameterError, UnsupportedModelError
 from steer.methods.vlm.fastervlm import FasterVLMError, budget, select_top
 
 PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]

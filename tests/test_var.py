@@ -20,12 +20,11 @@ from helpers import batch_inputs, generate, logits, real, row_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import steer
-from steer import zoo
+from steer import calibration, zoo
 from steer.adapters import adapter_for
 from steer.kernels import dispatch
 from steer.kernels.lse import attention_with_lse, causal_mask
 from steer.kernels.reference import eager_attention, group_reweight_reference
-from steer import calibration
 from steer.methods.vlm.var import (
     LABEL_NV,
     LABEL_OTHER,

@@ -17,10 +17,10 @@ from helpers import QUESTIONS, batch_inputs, generate, logits, real, row_inputs
 import steer
 from steer import zoo
 from steer.adapters import adapter_for
-from steer.backends.transformers.runtime import Runtime
-from steer.methods.vlm import vhr
 from steer.adapters.base import strip_tokens as strip_image_tokens
 from steer.backends.transformers.installers import source_run
+from steer.backends.transformers.runtime import Runtime
+from steer.methods.vlm import vhr
 from steer.methods.vlm.vhr import VHR, auto_layers, head_divergence, reinforce, select_heads
 
 WORKED_VHD = torch.tensor([0.9, 0.2, 3.5, 0.4, 1.1, 0.3, 0.8, 0.6])

@@ -20,8 +20,8 @@ from helpers import batch_inputs, generate, hook_count, logits, real, row_inputs
 import steer
 from steer import zoo
 from steer.adapters import adapter_for
-from steer.edits import LogitsTransform
 from steer.backends.transformers.runtime import Runtime
+from steer.edits import LogitsTransform
 from steer.methods.vlm.vista import (
     augment_logits,
     resolve_window,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from steer.adapters.base import Adapter, ImageInfo
 from steer.adapters.llava import ClipScoring

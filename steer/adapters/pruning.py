@@ -12,7 +12,6 @@ import inspect
 from collections.abc import Callable
 from typing import Any, cast
 
-import torch
 from torch import Tensor, nn
 
 from steer.edits.artifacts import KeptBlock, PrunedImage

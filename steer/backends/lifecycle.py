@@ -87,7 +87,8 @@ class Steering:
     - ``steered``: what was steered (the model class, or the inner model of a known wrapper).
     """
 
-    runtime_class: ClassVar[type[HandleRuntime]]
+    runtime_class: type[HandleRuntime]
+    instances: list[Any]
 
     def __init__(
         self,
@@ -109,6 +110,7 @@ class Steering:
         self.whole_prefill = whole_prefill
         if runtime_class is not None:
             self.runtime_class = runtime_class
+        self.instances = []  # the method objects whose edits these are (set by steer.apply)
         self._runtime: HandleRuntime | None = None
 
     @property

@@ -30,13 +30,15 @@ class CallStore:
 
     ``collected[(owner, name)][layer]``: what a :class:`~steer.edits.kinds.Collect` stored; ``artifacts``:
     published artifacts by type; ``memo[owner]``: a dict private to one method for this call;
-    ``scratch[edit id]``: a dict private to one edit for this call.
+    ``scratch[edit id]``: a dict private to one edit for this call; ``backend``: the installers' own per-call
+    state (never read by methods).
     """
 
     collected: dict[tuple[str, str], dict[int | None, Any]] = field(default_factory=dict)
     artifacts: dict[type, Any] = field(default_factory=dict)
     memo: dict[str, dict[Any, Any]] = field(default_factory=dict)
     scratch: dict[int, dict[str, Any]] = field(default_factory=dict)
+    backend: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

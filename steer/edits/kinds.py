@@ -37,7 +37,7 @@ Example, no method involved::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 import torch
@@ -129,7 +129,7 @@ class HeadOutputEdit(AttentionEdit):
     ``o_proj`` split by head. Returning ``None`` leaves it unchanged.
     """
 
-    site: ClassVar[str] = "layer.attn.head_out"
+    site: str = field(default="layer.attn.head_out", init=False, repr=False)
 
     layers: LayerSelection
     fn: Callable[[torch.Tensor, EditContext], torch.Tensor | None]
@@ -149,7 +149,7 @@ class HeadScale(AttentionEdit):
     [H] or [B, H], or a callable returning one of those (or None for "no change this call").
     """
 
-    site: ClassVar[str] = "layer.attn.head_out"
+    site: str = field(default="layer.attn.head_out", init=False, repr=False)
 
     layers: LayerSelection
     scale: TensorOrFn
@@ -195,7 +195,7 @@ class AttentionMask(AttentionEdit):
     ``None`` from a callable means "no change for this call".
     """
 
-    site: ClassVar[str] = "layer.attn.scores"
+    site: str = field(default="layer.attn.scores", init=False, repr=False)
 
     layers: LayerSelection
     mask: TensorOrFn
@@ -233,7 +233,7 @@ class GroupReweight(AttentionEdit):
     it on CUDA. A list of ``coefficients`` is its own rule (the ``"constant"`` rule).
     """
 
-    site: ClassVar[str] = "layer.attn.scores"
+    site: str = field(default="layer.attn.scores", init=False, repr=False)
 
     layers: LayerSelection
     coefficients: Sequence[float] | Callable[[torch.Tensor, EditContext], torch.Tensor]
@@ -301,7 +301,7 @@ class ResidualAdd(TensorEdit):
     generated tokens), ``"prompt"`` (prefill only) or ``"new"`` (decode steps only).
     """
 
-    site: ClassVar[str] = "layer.out"
+    site: str = field(default="layer.out", init=False, repr=False)
 
     layers: LayerSelection
     vector: TensorOrFn
@@ -366,7 +366,7 @@ class SourceRun(Edit):
     off except the ones that list this run's ``name`` in their ``runs`` (e.g. a :class:`Collect`).
     """
 
-    site: ClassVar[str] = "lm.inputs"
+    site: str = field(default="lm.inputs", init=False, repr=False)
     stage: ClassVar[str] = "input"
 
     name: str
@@ -395,7 +395,7 @@ class Positions(Edit):
     model's ``rope_deltas`` are recomputed as ``max position + 1 - real tokens``).
     """
 
-    site: ClassVar[str] = "lm.inputs"
+    site: str = field(default="lm.inputs", init=False, repr=False)
     stage: ClassVar[str] = "input"
 
     fn: Callable[[torch.Tensor, EditContext], torch.Tensor | None]
@@ -416,7 +416,7 @@ class PruneVisionTokens(Edit):
     :class:`~steer.edits.artifacts.PrunedLayout` for the call; ``on_pruned(layout)`` is called with it.
     """
 
-    site: ClassVar[str] = "vision.out"
+    site: str = field(default="vision.out", init=False, repr=False)
     stage: ClassVar[str] = "vision"
 
     keep: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -431,7 +431,7 @@ class PruneVisionTokens(Edit):
 class LogitsTransform(Edit):
     """Change the final logits: f <- fn(f, ectx) (the output of ``lm_head``, [B, Lq, V])."""
 
-    site: ClassVar[str] = "logits"
+    site: str = field(default="logits", init=False, repr=False)
     stage: ClassVar[str] = "logits"
 
     fn: Callable[[torch.Tensor, EditContext], torch.Tensor | None]
@@ -445,7 +445,7 @@ class InputEdit(Edit):
     (the call into the language model), prefill and decode.
     """
 
-    site: ClassVar[str] = "lm.inputs"
+    site: str = field(default="lm.inputs", init=False, repr=False)
     stage: ClassVar[str] = "input"
 
     fn: Callable[[dict[str, Any], EditContext], dict[str, Any] | None]

@@ -54,8 +54,8 @@ fp32 (after rounding P to bf16); compiled GPU kernels use the native bf16 dot.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
+
 import torch
 from torch import Tensor
 

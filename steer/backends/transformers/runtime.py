@@ -114,11 +114,13 @@ class Runtime(HandleRuntime):
     def in_forward(self) -> bool:
         return getattr(self._local, "depth", 0) > 0
 
-    def pending_call(self, create: bool = False) -> CallStore | None:
-        """The store of a call that has started before its prefill (a pruned ``generate``)."""
-        pending = getattr(self._local, "pending", None)
-        if pending is None and create:
-            pending = self._local.pending = CallStore()
+    def pending_call(self) -> CallStore | None:
+        """The store of a call that has started before its prefill (a pruned ``generate``), if any."""
+        return getattr(self._local, "pending", None)
+
+    def new_pending_call(self) -> CallStore:
+        """Start a call before its prefill: its store, adopted by the next prefill in this thread."""
+        pending = self._local.pending = CallStore()
         return pending
 
     def clear_pending(self) -> None:

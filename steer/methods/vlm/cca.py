@@ -398,7 +398,7 @@ class CCA(Method):
         for r in range(rows):
             queue = [(int(image.sent), image) for image in samples[r // repeat]]
             blocks: list[RingBlock] = []
-            for start, end, image in _split_runs(runs(image_mask[r]), queue):
+            for start, _end, image in _split_runs(runs(image_mask[r]), queue):
                 for kept in image.blocks:
                     block = kept.block
                     if block.kind not in self.ringed_kinds:

@@ -47,7 +47,6 @@ from steer.edits.kinds import Collect, Edit, HeadOutputEdit, SourceRun
 from steer.errors import InvalidParameterError
 from steer.registry import Method, param, register
 
-
 # ---------------------------------------------------------------------------------------------------
 # the paper's equations as pure functions
 

@@ -73,7 +73,7 @@ def _install_1d_hook(runtime: Runtime, edits: list[Positions]) -> None:
         if pos0 is None:
             pos0 = torch.arange(ctx.past_length, ctx.past_length + length, device=ref.device)[None]
         pos0 = pos0.expand(batch, length)
-        memo = ctx.call.memo.setdefault("__positions__", {})
+        memo = ctx.call.backend.setdefault("positions", {})
         if ctx.phase == "prefill":
             new = _apply(runtime, edits, pos0, ctx)
             memo["offset"] = None if new is None else (new[:, -1] - pos0[:, -1])

@@ -75,7 +75,7 @@ def install_prune(runtime: Runtime, edit: PruneVisionTokens) -> None:
     runtime.wrap(runtime.model, "generate", pruner.wrap_generate)
     runtime.add_hook(runtime.model.register_forward_pre_hook(pruner.before_forward, with_kwargs=True, prepend=True))
     if runtime.adapter.position_scheme == "mrope":
-        runtime.wrap(runtime.adapter.rope_index_owner, "get_rope_index", pruner.wrap_rope_index)
+        runtime.wrap(pruner.adapter.rope_index_owner, "get_rope_index", pruner.wrap_rope_index)
     elif edit.positions == "original":
         runtime.add_hook(runtime.adapter.text_model.register_forward_pre_hook(pruner.positions, with_kwargs=True))
 
@@ -103,7 +103,7 @@ class Pruner:
                 kwargs["input_ids"], args = args[0], args[1:]
             if kwargs.get("pixel_values") is None:
                 return original(*args, **kwargs)
-            call = runtime.pending_call(create=True)
+            call = runtime.new_pending_call()
             try:
                 with torch.no_grad():
                     new, plan = self.prepare(kwargs, call)
@@ -135,7 +135,7 @@ class Pruner:
         kwargs = dict(kwargs)
         if args and isinstance(args[0], Tensor) and "input_ids" not in kwargs:
             kwargs["input_ids"], args = args[0], args[1:]
-        new, _ = self.prepare(kwargs, self.runtime.pending_call(create=True))
+        new, _ = self.prepare(kwargs, self.runtime.new_pending_call())
         return args, new
 
     # ---- the pruning ----------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ class Pruner:
             )
         out, images = self.adapter.encode_pruned(kwargs, self.edit.keep, self.layer, self.edit.layout)
         plan, rows = self.shorten(kwargs, images)
-        call.memo[_PLAN] = plan
+        call.backend[_PLAN] = plan
         positions = "original" if self.adapter.position_scheme == "mrope" else self.edit.positions
         layout = PrunedLayout(images=rows, origin=plan.origin, positions=positions)
         call.artifacts[PrunedLayout] = layout
@@ -272,7 +272,7 @@ class Pruner:
         if runtime.run != MAIN:
             return None
         ctx = runtime.context
-        plan: Plan | None = ctx.call.memo.get(_PLAN)
+        plan: Plan | None = ctx.call.backend.get(_PLAN)
         if plan is None:
             return None
         ref = kwargs.get("inputs_embeds")
@@ -311,7 +311,7 @@ class Pruner:
             """Stock ids of the unpruned prompt, pruned columns dropped, ``rope_deltas = max_pos + 1 - new_len``."""
             if self.runtime.run != MAIN:
                 return original(*args, **kwargs)
-            plan: Plan | None = self.runtime.call_store(last=True).memo.get(_PLAN)
+            plan: Plan | None = self.runtime.call_store(last=True).backend.get(_PLAN)
             bound = signature.bind_partial(*args, **kwargs).arguments
             ids = bound.get("input_ids")
             if (

@@ -130,7 +130,7 @@ def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
         ctx = runtime.context
         if not edit.active_in(ctx.phase):
             return None
-        done = ctx.call.memo.setdefault("__source_runs__", {})
+        done = ctx.call.backend.setdefault("source_runs", {})
         if key in done:
             return None
         done[key] = True
@@ -139,6 +139,7 @@ def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
         else:
             inputs, padding = stacked_inputs(runtime, parts, kwargs, args, ctx)
         reference = inputs.get("inputs_embeds", inputs.get("input_ids"))
+        assert reference is not None  # every builder gives embeddings or ids
         facts = dataclasses.replace(
             ctx, batch_size=int(reference.shape[0]), query_len=int(reference.shape[1]), past_length=0,
             padding_mask=padding, logits_to_keep=0,

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from steer.backends.transformers.installers.registry import installer
 from steer.backends.transformers.collected import select, store
+from steer.backends.transformers.installers.registry import installer
 from steer.edits.kinds import Collect, TensorEdit
 
 if TYPE_CHECKING:
