@@ -629,3 +629,139 @@ def test_compose_handles_and_recipes(sd: Any) -> None:
     assert processors_identical(sd, saved)
     for name in ("astar", "detector-guidance", "ae-then-dg"):
         assert steer.recipe(f"stable-diffusion/{name}").methods
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the layers: pipeline edits as data, the shared handle protocol, import directions
+
+
+def test_handle_and_runtime_are_the_shared_protocol(sd: Any) -> None:
+    from steer.backends.lifecycle import HandleRuntime
+
+    with steer.apply(sd, ["astar", "detector_guidance"], tokens=["cat", "dog"], objects=["a cat", "a dog"]) as h:
+        assert isinstance(h, steer.Steering) and isinstance(h.runtime, HandleRuntime)
+        assert h.source is sd and h.pipe is not sd and h.methods == ["astar", "detector_guidance"]
+        kinds = [(e.owner, type(e).__name__) for e in h.edits]
+        assert kinds == [("astar", "ProcessorEdit"), ("astar", "LatentUpdate"), ("detector_guidance", "ProcessorEdit")]
+        assert h.params["detector_guidance"]["provider"] is None and h.params["astar"]["tokens"] == ["cat", "dog"]
+        with h.disabled():  # every edit off: the stock pipeline, no loss forwards
+            assert torch.equal(latents(h.pipe, steps=2), latents(sd, steps=2))
+        assert h.state["astar"]["log"] == []
+    assert not h.active and PipelineRuntime.of(sd.unet) is None
+    with pytest.raises(steer.SteeringRemovedError):
+        h.disabled()
+
+
+def test_raw_pipeline_edits(sd: Any) -> None:
+    """User-level ProcessorEdit / LatentUpdate through steer.apply: what a score-mode edit keeps reaches its
+    after_step in call order, a probe returns what the probe edits kept, a latent update acts only in handle.pipe."""
+    from steer import edits
+
+    base = latents(sd, steps=3)
+    seen: list[dict[str, Any]] = []
+    order: list[str] = []
+
+    def observe(q: torch.Tensor, k: torch.Tensor, call: Any) -> None:
+        order.append(call.layer)
+        call.keep((call.step.i, call.depth, call.grid, tuple(q.shape)))
+        return None  # no bias: the stock processor runs
+
+    record = edits.ProcessorEdit(depths=[1], scores=observe, after_step=lambda kept, ctx: seen.append(kept))
+    with steer.apply(sd, record) as h:
+        assert h.pipe is sd and h.methods == []
+        assert torch.equal(latents(sd, steps=3), base)
+    depth1 = sorted(n for n, d in attn2_depths(sd.unet).items() if d == 1)
+    assert len(seen) == 3 and all(sorted(kept) == depth1 for kept in seen)
+    assert list(seen[0]) == order[: len(depth1)]  # call order (down blocks before up blocks)
+    assert [next(iter(kept.values()))[0] for kept in seen] == [0, 1, 2]
+    assert next(iter(seen[0].values()))[2] == (8, 8)  # 32 px → latent 16×16 → depth 1: 8×8
+
+    probed: list[dict[str, Any]] = []
+
+    def halve(z: torch.Tensor, ctx: Any) -> torch.Tensor:
+        probed.append(ctx.probe(z, scaled=True))
+        return z * 0.5
+
+    keep_probs = edits.ProcessorEdit(depths=[2], probs=lambda p, call: call.keep(p.shape), runs=("probe",))
+    with steer.apply(sd, [keep_probs, edits.LatentUpdate(fn=halve, when=lambda i, n: i == 1)]) as h:
+        assert torch.equal(latents(sd, steps=3), base)  # the caller's own pipeline: no update there
+        out = latents(h.pipe, steps=3)
+    assert (out - base).abs().max() > 1e-3 and len(probed) == 1
+    depth2 = {n for n, d in attn2_depths(sd.unet).items() if d == 2}
+    assert set(probed[0]) == depth2 and all(s[1] == 16 for s in probed[0].values())  # cond rows only: 1 image
+
+    with pytest.raises(steer.InvalidParameterError, match="both update the latent"):
+        steer.apply(sd, [edits.LatentUpdate(fn=halve), edits.LatentUpdate(fn=halve)])
+    with pytest.raises(steer.InvalidParameterError, match="does not act on diffusers pipelines"):
+        steer.apply(sd, edits.HeadScale(layers=[0], scale=2.0))
+    with pytest.raises(steer.InvalidParameterError, match="depth 9 holds no attn2 layer"):
+        steer.apply(sd, edits.ProcessorEdit(depths=[9], probs=lambda p, call: None))
+    with pytest.raises(ValueError, match="exactly one of probs"):
+        edits.ProcessorEdit(depths=[1])
+    assert PipelineRuntime.of(sd.unet) is None
+
+
+def test_step_sizes_equal_numpy() -> None:
+    import numpy as np
+
+    for total in (1, 2, 3, 4, 25, 50, 51):
+        assert step_sizes(20.0, total) == [float(a) for a in 20.0 * np.sqrt(np.linspace(1.0, 0.5, total))]
+
+
+def _imports(path: Any) -> list[str]:
+    """Every module a file imports, lazy imports included (relative imports resolved within steer)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import"
+            out.append(node.module or "")
+    return out
+
+
+def test_import_directions() -> None:
+    """Pipeline methods import only steer.edits, steer.registry, steer.errors, torch and the standard library (no
+    diffusers, transformers, backends, evals, and no other method module); pipeline edits are data; the backend
+    never imports a method or the facade."""
+    import sys
+    from pathlib import Path
+
+    root = Path(steer.__file__).parent
+    helpers = {"concepts", "detection", "losses", "tokens"}
+    for path in sorted((root / "methods" / "diffusion").glob("*.py")):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top == "torch" or name.startswith("steer.edits"):
+                continue
+            if name in ("steer.registry", "steer.errors"):
+                continue
+            if name.startswith("steer.methods.diffusion"):
+                module = name.rsplit(".", 1)[-1]
+                assert module in helpers or path.name == "__init__.py", f"{path.name} imports the method module {name}"
+                continue
+            raise AssertionError(f"{path.name} imports {name}")
+    for path in sorted((root / "edits").glob("pipeline*.py")):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or top == "torch" or name.startswith("steer.edits"), (path, name)
+    for path in sorted((root / "backends" / "diffusers").rglob("*.py")):
+        for name in _imports(path):
+            assert not name.startswith(("steer.methods", "steer.diffusers", "steer.api", "steer.evals")), (path, name)
+
+
+def test_listing_methods_imports_no_diffusers() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, steer; listing = {m['name']: m for m in steer.methods()}; "
+        "assert listing['astar']['families'] == ['sd', 'sdxl'], listing['astar']; "
+        "import steer.diffusers, steer.backends.diffusers; "
+        "assert 'diffusers' not in sys.modules, 'diffusers imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -121,4 +121,4 @@ class PipelineAdapter:
         return f"{type(self.source).__name__} ({self.variant})"
 
 
-__all__ = ["PipelineAdapter", "attn2_depths", "pipeline_family", "tokenizer_info", "unsupported_pipeline"]
+__all__ = ["PipelineAdapter", "PipelineInfo", "TokenizerInfo", "attn2_depths", "pipeline_family", "tokenizer_info", "unsupported_pipeline"]

@@ -154,7 +154,7 @@ class ImageState:
 
 
 @dataclass
-class Generation:
+class DGState:
     """DG's working state for one generation (``ctx.memo["dg"]``): per image the edited columns (Φ positions and
     their objects), the detection positions D_k and the phrases; the schedule; and this step's plan (``due``:
     images with an attempt now; ``recording`` / ``any_masks`` / ``live``)."""
@@ -248,7 +248,7 @@ class DetectorGuidance(Method):
                 detect.append([content_positions(tok, ids, concept) for concept in concepts])
             items = spec[p] if spec and isinstance(spec[0], (list, tuple)) else spec
             phrases.append([str(x) for x in items])
-        gen = Generation(
+        gen = DGState(
             columns=images_of(columns, ctx.per_prompt),
             detect=images_of(detect, ctx.per_prompt),
             phrases=images_of(phrases, ctx.per_prompt),
@@ -257,7 +257,7 @@ class DetectorGuidance(Method):
         self.state["images"] = []
         self.state["tokens"] = [{"edit": list(c), "detect": d} for (c, _), d in zip(gen.columns, gen.detect)]
 
-    def _start(self, gen: Generation, total_steps: int, n_images: int) -> None:
+    def _start(self, gen: DGState, total_steps: int, n_images: int) -> None:
         gen.total_steps = total_steps
         first = steps_at(self.params.first_attempt, total_steps)
         gen.images = [ImageState(next_attempt=first) for _ in range(n_images)]
@@ -265,7 +265,7 @@ class DetectorGuidance(Method):
 
     # ---- per step -----------------------------------------------------------------------------------------
     def _before_step(self, ctx: StepContext) -> None:
-        gen: Generation | None = ctx.memo.get("dg")
+        gen: DGState | None = ctx.memo.get("dg")
         if gen is None:
             return
         gen.live = gen.recording = gen.any_masks = False
@@ -285,13 +285,13 @@ class DetectorGuidance(Method):
         gen.live = gen.recording or gen.any_masks
 
     def _acts(self, call: AttnCall) -> bool:
-        gen: Generation | None = call.memo.get("dg")
+        gen: DGState | None = call.memo.get("dg")
         if gen is None or not gen.live:
             return False
         return (gen.recording and call.depth in self.cam_depths) or gen.any_masks
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, call: AttnCall) -> torch.Tensor | None:
-        gen: Generation = call.memo["dg"]
+        gen: DGState = call.memo["dg"]
         n_images = q.shape[0] // 2
         h, w = call.grid
         if gen.recording and call.depth in self.cam_depths:
@@ -309,7 +309,7 @@ class DetectorGuidance(Method):
         return score_bias(q, k, call.scale, masks, gen.columns, float(self.params.beta))
 
     @staticmethod
-    def _layer_masks(gen: Generation, b: int, call: AttnCall) -> torch.Tensor | None:
+    def _layer_masks(gen: DGState, b: int, call: AttnCall) -> torch.Tensor | None:
         """Image b's masks on this layer's grid, cached in the layer's processor until they change."""
         image = gen.images[b]
         if image.masks is None:
@@ -321,7 +321,7 @@ class DetectorGuidance(Method):
         return cached[1]
 
     def _after_step(self, kept: dict[str, Any], ctx: StepContext) -> None:
-        gen: Generation | None = ctx.memo.get("dg")
+        gen: DGState | None = ctx.memo.get("dg")
         if gen is None:
             return
         was_live = gen.live
@@ -372,7 +372,7 @@ class DetectorGuidance(Method):
 __all__ = [
     "DetectorGuidance",
     "DetectorGuidanceParams",
-    "Generation",
+    "DGState",
     "ImageState",
     "edited_scores",
     "layer_masks",
