@@ -14,7 +14,8 @@ call); they never see ``attn``, the UNet or the pipeline. The backend (`steer.ba
 processor into only the ``attn2`` layers some edit names (the others keep their processor objects) and calls the
 stock processor unchanged whenever no edit acts, so that path is bit-identical to stock.
 
-Example, no method involved (double the score of token 2 in every depth-1 layer)::
+Example, no method involved (double the unnormalised attention weight exp(score) of token 2 in every depth-1
+layer)::
 
     from steer import edits
 
