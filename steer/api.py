@@ -7,6 +7,7 @@ backend, which installs them and returns the handle.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any, Union
@@ -71,6 +72,16 @@ def _distribute_params(
                 "see steer.methods() for each method's parameters"
             )
     return merged
+
+
+def _param_values(params: Any) -> dict[str, Any]:
+    """The resolved parameters as a dict: containers copied, other objects (e.g. a mask provider holding a
+    detector model) by reference, not deep-copied as ``dataclasses.asdict`` would."""
+    plain = (list, tuple, dict, set)
+    return {
+        f.name: copy.deepcopy(value) if isinstance(value := getattr(params, f.name), plain) else value
+        for f in dataclasses.fields(params)
+    }
 
 
 def check_artifacts(instances: Sequence[Method], already: Sequence[Method] = ()) -> None:
@@ -148,7 +159,7 @@ def apply(target: Any, method: MethodSpec, **params: Any) -> Any:
         instance = classes[name](resolve_params(classes[name], merged[name]), info, {})
         instance.params = instance.resolve()
         instance.check()
-        resolved[name] = dataclasses.asdict(instance.params)
+        resolved[name] = _param_values(instance.params)
         state[name] = instance.state
         instances.append(instance)
     running = [m for m in instances if not m.is_noop()]
@@ -171,11 +182,11 @@ def apply(target: Any, method: MethodSpec, **params: Any) -> Any:
 def methods() -> list[dict[str, Any]]:
     """Every registered method: name, one-line description, supported families, stage and parameters."""
     from steer.adapters import FAMILIES
+    from steer.backends.diffusers.families import PIPELINE_FAMILIES  # imports no diffusers
 
-    pipeline_families = ("sd", "sdxl")
     out = []
     for name, cls in sorted(registered().items()):
-        every = FAMILIES if cls.target == "vlm" else pipeline_families
+        every = FAMILIES if cls.target == "vlm" else PIPELINE_FAMILIES
         out.append(
             {
                 "name": name,

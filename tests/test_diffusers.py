@@ -17,10 +17,15 @@ import torch.nn.functional as F
 
 import steer
 from steer import zoo
+from steer.backends.diffusers.adapter import attn2_depths
+from steer.backends.diffusers.passes import step_pass
+from steer.backends.diffusers.processors import EditProcessor
+from steer.backends.diffusers.runtime import PipelineRuntime
 from steer.diffusers import CamMaskProvider, Detection, SteerInputError
-from steer.diffusers.common import attn2_depths, grid_at
-from steer.diffusers.detection import add_halo, paint
-from steer.diffusers.losses import (
+from steer.edits.pipeline import GenerationFacts, ProcessorEdit, grid_at
+from steer.methods.diffusion.detection import add_halo, paint
+from steer.methods.diffusion.detector_guidance import edited_scores, layer_masks, score_bias
+from steer.methods.diffusion.losses import (
     gaussian_kernel3,
     max_normalize,
     retention_loss,
@@ -29,8 +34,6 @@ from steer.diffusers.losses import (
     smooth,
     step_sizes,
 )
-from steer.diffusers.processors import DetectorGuidanceProcessor, RecordingProcessor, edited_scores
-from steer.diffusers.runtime import PipelineRuntime
 
 PROMPT = "a cat and a dog"
 
@@ -78,6 +81,18 @@ def sibling(pipe: Any, **overrides: Any) -> Any:
 def processors_identical(pipe: Any, saved: dict[str, Any]) -> bool:
     now = pipe.unet.attn_processors
     return now.keys() == saved.keys() and all(now[k] is saved[k] for k in saved)
+
+
+def method_of(handle: Any, name: str) -> Any:
+    """The method instance ``name`` of a handle (its diagnostics: last latent, losses at a latent)."""
+    return next(m for m in handle.instances if m.name == name)
+
+
+def steered_layers(procs: dict[str, Any], owner: str) -> set[str]:
+    """The layers whose processor is steer's and holds an edit of ``owner``."""
+    return {
+        n for n, p in procs.items() if isinstance(p, EditProcessor) and any(e.owner == owner for e, _ in p.edits)
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,17 +186,12 @@ def test_dg_painting() -> None:
         assert paint([d0, Detection(2, d1.mask, 0.9)], 2, (1, 4)) is None  # object 1 empty ⇒ failure
 
 
-def test_dg_boxes_to_edited_maps(sd: Any) -> None:
+def test_dg_boxes_to_edited_maps() -> None:
     """Given boxes and given score maps → painted masks → a 2×2 layer's masks → the expected edited scores."""
-    from steer.diffusers.methods import _ImageState
-
     boxes = [Detection.from_box(0, (0.0, 0.0, 0.75, 1.0), 0.6, (4, 4)), Detection.from_box(1, (0.5, 0.0, 1.0, 1.0), 0.9, (4, 4))]
     masks = paint(boxes, 2, (4, 4))
     assert masks is not None and masks[0].tolist() == [[1, 1, 0, 0]] * 4 and masks[1].tolist() == [[0, 0, 1, 1]] * 4
-    with steer.apply(sd, "detector_guidance", objects=["a cat", "a dog"]) as h:
-        ctrl = h.controllers[0]
-        ctrl.images = [_ImageState(next_attempt=0, masks=masks)]
-        layer = ctrl.layer_masks(0, (2, 2))
+    layer = layer_masks(masks, (2, 2))
     assert layer.tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
     edited, _ = edited_scores(L_C, L_U, layer.double(), cols=[1, 2], objs=[0, 1], beta=0.7)
     expected = torch.tensor([[2, 1.7, 0.1, 0], [2, 0.4, 1.7, 0], [2, 1.7, 0.6, 0.5], [2, 0.3, 1.2, 1]]).double()
@@ -210,21 +220,24 @@ def test_cam_provider_rule() -> None:
 
 
 class _StubController:
-    """What a DetectorGuidanceProcessor asks its controller, with given masks."""
+    """Given per-image layer masks, edited columns and β: the DG edit on one processor, as the method builds it."""
 
     def __init__(self, masks: list[torch.Tensor | None], cols: list[tuple[list[int], list[int]]], beta: float) -> None:
         self.masks, self.cols, self.beta = masks, cols, beta
-        self.live, self.bypassed, self.recording, self.any_masks = True, False, False, True
-        self.cam_depths: set[int] = set()
 
-    def grid_for(self, depth: int, n: int) -> tuple[int, int]:
-        return (1, n)
+    def processor(self, stock: Any) -> EditProcessor:
+        edit = ProcessorEdit(scores=lambda q, k, call: score_bias(q, k, call.scale, self.masks, self.cols, self.beta))
+        edit.owner = "detector_guidance"
+        proc = EditProcessor("layer", 1, stock, _OnePass())
+        proc.add(edit, None)
+        return proc
 
-    def layer_masks(self, b: int, grid: tuple[int, int]) -> torch.Tensor | None:
-        return self.masks[b]
 
-    def edit_columns(self, b: int) -> tuple[list[int], list[int]]:
-        return self.cols[b]
+class _OnePass:
+    """A runtime that is always in one main pass whose latent (2×12) gives a depth-1 layer 6 queries (1×6)."""
+
+    def current_pass(self) -> Any:
+        return step_pass("main", GenerationFacts(prompts=None, n_prompts=2), 0, 10, torch.zeros(4, 4, 2, 12))
 
 
 def _explicit_dg(attn: Any, h: torch.Tensor, e: torch.Tensor, ctrl: _StubController) -> torch.Tensor:
@@ -257,7 +270,7 @@ def test_dg_processor_equals_explicit_rule() -> None:
     soft = [torch.rand(2, 6), torch.rand(2, 6)]
     with torch.no_grad():
         ctrl = _StubController(soft, cols, 0.7)
-        proc = DetectorGuidanceProcessor("layer", stock, 1, ctrl)  # type: ignore[arg-type]
+        proc = ctrl.processor(stock)
         out = proc(attn, h, e)
         ref = _explicit_dg(attn, h, e, ctrl)
         assert (out - ref).abs().max() < 1e-5
@@ -265,11 +278,11 @@ def test_dg_processor_equals_explicit_rule() -> None:
         assert (out[:2] - base[:2]).abs().max() < 1e-5  # uncond half untouched
         assert (out[2:] - base[2:]).abs().max() > 1e-3  # the edit acts
         ones = _StubController([torch.ones(2, 6), torch.ones(2, 6)], cols, 0.0)  # M ≡ 1, β = 0 ⇒ stock
-        assert (DetectorGuidanceProcessor("layer", stock, 1, ones)(attn, h, e) - base).abs().max() < 1e-5  # type: ignore[arg-type]
+        assert (ones.processor(stock)(attn, h, e) - base).abs().max() < 1e-5
         # identical cond/uncond inputs (as under CFG with equal embeddings), any masks, β = 0 ⇒ stock
         h2, e2 = torch.cat([h[:2], h[:2]]), torch.cat([e[:2], e[:2]])
         zero_beta = _StubController(soft, cols, 0.0)
-        edited_out = DetectorGuidanceProcessor("layer", stock, 1, zero_beta)(attn, h2, e2)  # type: ignore[arg-type]
+        edited_out = zero_beta.processor(stock)(attn, h2, e2)
         assert float((edited_out - stock(attn, h2, e2)).abs().max()) < 1e-5
         # β > 0, M = 1: attention mass on Φ_k rises
         boost = _StubController([torch.ones(2, 6), None], cols, 0.7)
@@ -339,7 +352,7 @@ def test_astar_zero_step_bit_identical_and_restore(sd: Any, caplog: Any) -> None
             assert torch.equal(out, base), (scheduler, params)
             assert len(log) == (6 if "step_size" in params else 0)  # steps 0..2 × 2 images, none for max_step=0
             procs = seen[0]
-            recording = {n for n, p in procs.items() if isinstance(p, RecordingProcessor)}
+            recording = steered_layers(procs, "astar")
             assert recording == at_depth
             assert all(procs[n] is saved[n] for n in procs if n not in recording)
             assert processors_identical(sd, saved)
@@ -399,7 +412,7 @@ def test_euler_loss_input_is_scaled(sd: Any) -> None:
 
         def grab(module: Any, args: tuple, kwargs: dict, inputs: list = inputs) -> None:
             runtime = PipelineRuntime.of(module)
-            if runtime is not None and runtime.bypassed:
+            if runtime is not None and runtime.probing:
                 inputs.append(args[0].detach().clone())
 
         with steer.apply(pipe, "astar", tokens=["cat", "dog"], max_step=1, ae_compat=compat) as h:
@@ -408,7 +421,7 @@ def test_euler_loss_input_is_scaled(sd: Any) -> None:
                 latents(h.pipe, steps=3)
             finally:
                 hook.remove()
-            z = h.pipe._steer_controller.last_latents
+            z = method_of(h, "astar").last_latents
         sigma = float(pipe.scheduler.sigmas[0])
         expected = z if compat else z / math.sqrt(sigma**2 + 1)
         assert len(inputs) == 1 and torch.allclose(inputs[0], expected, atol=1e-6)
@@ -418,9 +431,9 @@ def test_astar_descent_and_losses_decrease(sd: Any) -> None:
     """(L(z) − L(z − αg)) / (α‖g‖²) ≈ 1 for α‖g‖ = 1e-3‖z‖; over iterations at one step, L_seg and L_ret fall."""
     with steer.apply(sd, "astar", tokens=["cat", "dog"], max_step=2) as h:
         latents(h.pipe, steps=4)
-        ctrl = h.pipe._steer_controller
+        ctrl = method_of(h, "astar")
         z = ctrl.last_latents
-        masks = list(ctrl.masks)
+        masks = ctrl.retention
         first = ctrl.losses_at(z, masks)
         g = first["grad"]
         alpha = 1e-3 * float(z.norm()) / float(g.norm())
@@ -430,9 +443,9 @@ def test_astar_descent_and_losses_decrease(sd: Any) -> None:
     for weights, key in (({"w_ret": 0.0}, "L_seg"), ({"w_seg": 0.0}, "L_ret"), ({}, "loss")):
         with steer.apply(sd, "astar", tokens=["cat", "dog"], max_step=2, **weights) as h:
             latents(h.pipe, steps=4)
-            ctrl = h.pipe._steer_controller
+            ctrl = method_of(h, "astar")
             z = ctrl.last_latents
-            masks = list(ctrl.masks)
+            masks = ctrl.retention
             values: list[float] = []
             step = None
             for _ in range(4):  # gradient descent at one denoising step, fixed α: α‖g_0‖ = 2e-3‖z‖
@@ -524,7 +537,7 @@ def test_dg_noop_and_restore(sd: Any) -> None:
     base = latents(sd, steps=10)
     with steer.apply(sd, "detector_guidance", objects=["a cat", "a dog"], provider=lambda maps, step: None) as h:
         procs = dict(sd.unet.attn_processors)
-        assert {n for n, p in procs.items() if isinstance(p, DetectorGuidanceProcessor)} == set(attn2_depths(sd.unet))
+        assert steered_layers(procs, "detector_guidance") == set(attn2_depths(sd.unet))
         assert all(procs[n] is saved[n] for n in procs if ".attn1." in n)
         assert torch.equal(latents(sd, steps=10), base)  # recording at attempt steps changes nothing
         attempts = h.state["detector_guidance"]["images"][0]["attempts"]
@@ -541,8 +554,7 @@ def test_dg_schedule(sd: Any, steps: int) -> None:
     masks_on: dict[int, bool] = {}
 
     def spy(p: Any, i: int, t: Any, kw: dict) -> dict:
-        ctrl = h.controllers[0]
-        masks_on[i] = ctrl.images[0].masks is not None
+        masks_on[i] = h.state["detector_guidance"]["images"][0]["masks"] is not None
         return {}
 
     with steer.apply(sd, "detector_guidance", objects=["a cat", "a dog"], provider=provider) as h:
@@ -617,3 +629,139 @@ def test_compose_handles_and_recipes(sd: Any) -> None:
     assert processors_identical(sd, saved)
     for name in ("astar", "detector-guidance", "ae-then-dg"):
         assert steer.recipe(f"stable-diffusion/{name}").methods
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the layers: pipeline edits as data, the shared handle protocol, import directions
+
+
+def test_handle_and_runtime_are_the_shared_protocol(sd: Any) -> None:
+    from steer.backends.lifecycle import HandleRuntime
+
+    with steer.apply(sd, ["astar", "detector_guidance"], tokens=["cat", "dog"], objects=["a cat", "a dog"]) as h:
+        assert isinstance(h, steer.Steering) and isinstance(h.runtime, HandleRuntime)
+        assert h.source is sd and h.pipe is not sd and h.methods == ["astar", "detector_guidance"]
+        kinds = [(e.owner, type(e).__name__) for e in h.edits]
+        assert kinds == [("astar", "ProcessorEdit"), ("astar", "LatentUpdate"), ("detector_guidance", "ProcessorEdit")]
+        assert h.params["detector_guidance"]["provider"] is None and h.params["astar"]["tokens"] == ["cat", "dog"]
+        with h.disabled():  # every edit off: the stock pipeline, no loss forwards
+            assert torch.equal(latents(h.pipe, steps=2), latents(sd, steps=2))
+        assert h.state["astar"]["log"] == []
+    assert not h.active and PipelineRuntime.of(sd.unet) is None
+    with pytest.raises(steer.SteeringRemovedError):
+        h.disabled()
+
+
+def test_raw_pipeline_edits(sd: Any) -> None:
+    """User-level ProcessorEdit / LatentUpdate through steer.apply: what a score-mode edit keeps reaches its
+    after_step in call order, a probe returns what the probe edits kept, a latent update acts only in handle.pipe."""
+    from steer import edits
+
+    base = latents(sd, steps=3)
+    seen: list[dict[str, Any]] = []
+    order: list[str] = []
+
+    def observe(q: torch.Tensor, k: torch.Tensor, call: Any) -> None:
+        order.append(call.layer)
+        call.keep((call.step.i, call.depth, call.grid, tuple(q.shape)))
+        return None  # no bias: the stock processor runs
+
+    record = edits.ProcessorEdit(depths=[1], scores=observe, after_step=lambda kept, ctx: seen.append(kept))
+    with steer.apply(sd, record) as h:
+        assert h.pipe is sd and h.methods == []
+        assert torch.equal(latents(sd, steps=3), base)
+    depth1 = sorted(n for n, d in attn2_depths(sd.unet).items() if d == 1)
+    assert len(seen) == 3 and all(sorted(kept) == depth1 for kept in seen)
+    assert list(seen[0]) == order[: len(depth1)]  # call order (down blocks before up blocks)
+    assert [next(iter(kept.values()))[0] for kept in seen] == [0, 1, 2]
+    assert next(iter(seen[0].values()))[2] == (8, 8)  # 32 px → latent 16×16 → depth 1: 8×8
+
+    probed: list[dict[str, Any]] = []
+
+    def halve(z: torch.Tensor, ctx: Any) -> torch.Tensor:
+        probed.append(ctx.probe(z, scaled=True))
+        return z * 0.5
+
+    keep_probs = edits.ProcessorEdit(depths=[2], probs=lambda p, call: call.keep(p.shape), runs=("probe",))
+    with steer.apply(sd, [keep_probs, edits.LatentUpdate(fn=halve, when=lambda i, n: i == 1)]) as h:
+        assert torch.equal(latents(sd, steps=3), base)  # the caller's own pipeline: no update there
+        out = latents(h.pipe, steps=3)
+    assert (out - base).abs().max() > 1e-3 and len(probed) == 1
+    depth2 = {n for n, d in attn2_depths(sd.unet).items() if d == 2}
+    assert set(probed[0]) == depth2 and all(s[1] == 16 for s in probed[0].values())  # cond rows only: 1 image
+
+    with pytest.raises(steer.InvalidParameterError, match="both update the latent"):
+        steer.apply(sd, [edits.LatentUpdate(fn=halve), edits.LatentUpdate(fn=halve)])
+    with pytest.raises(steer.InvalidParameterError, match="does not act on diffusers pipelines"):
+        steer.apply(sd, edits.HeadScale(layers=[0], scale=2.0))
+    with pytest.raises(steer.InvalidParameterError, match="depth 9 holds no attn2 layer"):
+        steer.apply(sd, edits.ProcessorEdit(depths=[9], probs=lambda p, call: None))
+    with pytest.raises(ValueError, match="exactly one of probs"):
+        edits.ProcessorEdit(depths=[1])
+    assert PipelineRuntime.of(sd.unet) is None
+
+
+def test_step_sizes_equal_numpy() -> None:
+    import numpy as np
+
+    for total in (1, 2, 3, 4, 25, 50, 51):
+        assert step_sizes(20.0, total) == [float(a) for a in 20.0 * np.sqrt(np.linspace(1.0, 0.5, total))]
+
+
+def _imports(path: Any) -> list[str]:
+    """Every module a file imports, lazy imports included (relative imports resolved within steer)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import"
+            out.append(node.module or "")
+    return out
+
+
+def test_import_directions() -> None:
+    """Pipeline methods import only steer.edits, steer.registry, steer.errors, torch and the standard library (no
+    diffusers, transformers, backends, evals, and no other method module); pipeline edits are data; the backend
+    never imports a method or the facade."""
+    import sys
+    from pathlib import Path
+
+    root = Path(steer.__file__).parent
+    helpers = {"concepts", "detection", "losses", "tokens"}
+    for path in sorted((root / "methods" / "diffusion").glob("*.py")):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top == "torch" or name.startswith("steer.edits"):
+                continue
+            if name in ("steer.registry", "steer.errors"):
+                continue
+            if name.startswith("steer.methods.diffusion"):
+                module = name.rsplit(".", 1)[-1]
+                assert module in helpers or path.name == "__init__.py", f"{path.name} imports the method module {name}"
+                continue
+            raise AssertionError(f"{path.name} imports {name}")
+    for path in sorted((root / "edits").glob("pipeline*.py")):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            assert top in sys.stdlib_module_names or top == "torch" or name.startswith("steer.edits"), (path, name)
+    for path in sorted((root / "backends" / "diffusers").rglob("*.py")):
+        for name in _imports(path):
+            assert not name.startswith(("steer.methods", "steer.diffusers", "steer.api", "steer.evals")), (path, name)
+
+
+def test_listing_methods_imports_no_diffusers() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, steer; listing = {m['name']: m for m in steer.methods()}; "
+        "assert listing['astar']['families'] == ['sd', 'sdxl'], listing['astar']; "
+        "import steer.diffusers, steer.backends.diffusers; "
+        "assert 'diffusers' not in sys.modules, 'diffusers imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

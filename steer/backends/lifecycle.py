@@ -87,7 +87,7 @@ class Steering:
     - ``steered``: what was steered (the model class, or the inner model of a known wrapper).
     """
 
-    runtime_class: type[HandleRuntime]
+    runtime_class: type[HandleRuntime]  # a subclass sets it, or the backend passes one per handle
     instances: list[Any]
 
     def __init__(
@@ -131,8 +131,12 @@ class Steering:
         """Arguments of the runtime class after the target (the model's runtime also takes the adapter)."""
         return (self.adapter,)
 
+    def runtime_target(self) -> Any:
+        """The object the runtime lives on: the steered model (a pipeline handle: the pipeline's UNet)."""
+        return self.model
+
     def install(self) -> Steering:
-        runtime = self.runtime_class.ensure(self.model, *self.runtime_args())
+        runtime = self.runtime_class.ensure(self.runtime_target(), *self.runtime_args())
         runtime.attach(self)
         self._runtime = runtime
         return self

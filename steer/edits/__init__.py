@@ -5,7 +5,9 @@
 - `steer.edits.sites`: the site names edits act at, resolved per family by the adapters;
 - `steer.edits.context`: what an edit callback receives (`EditContext`, `ForwardFacts`);
 - `steer.edits.facts`: model and prompt facts (`ModelInfo`, `ImageLayout`);
-- `steer.edits.artifacts`: typed artifacts one method computes for another (`PrunedLayout`).
+- `steer.edits.artifacts`: typed artifacts one method computes for another (`PrunedLayout`);
+- `steer.edits.pipeline`: the diffusers pipeline kinds (`ProcessorEdit`, `LatentUpdate`) with their facts
+  (`steer.edits.pipeline_facts`: `PipelineInfo`) and contexts (`steer.edits.pipeline_context`).
 """
 
 from steer.edits.artifacts import Artifact, KeptBlock, PrunedImage, PrunedLayout
@@ -35,19 +37,35 @@ from steer.edits.kinds import (
     evaluate,
     layers_of,
 )
+from steer.edits.pipeline import (
+    PROBE,
+    AttnCall,
+    GenerationFacts,
+    LatentContext,
+    LatentUpdate,
+    PipelineContext,
+    PipelineEdit,
+    PipelineInfo,
+    ProcessorEdit,
+    StepContext,
+    TokenizerInfo,
+)
 from steer.edits.sites import SITES
 
 __all__ = [
     "MAIN",
+    "PROBE",
     "SITES",
     "Artifact",
     "AttentionEdit",
     "AttentionMask",
+    "AttnCall",
     "CallStore",
     "Collect",
     "Edit",
     "EditContext",
     "ForwardFacts",
+    "GenerationFacts",
     "GroupReweight",
     "HeadOutputEdit",
     "HeadScale",
@@ -57,18 +75,26 @@ __all__ = [
     "InputEdit",
     "KeptBlock",
     "LayerEdit",
+    "LatentContext",
+    "LatentUpdate",
     "LayerSelection",
     "LogitsTransform",
     "MethodWrap",
     "ModelInfo",
     "ModuleHook",
+    "PipelineContext",
+    "PipelineEdit",
+    "PipelineInfo",
     "Positions",
+    "ProcessorEdit",
     "PruneVisionTokens",
     "PrunedImage",
     "PrunedLayout",
     "ResidualAdd",
     "SourceRun",
+    "StepContext",
     "TensorEdit",
+    "TokenizerInfo",
     "Transform",
     "evaluate",
     "layers_of",

@@ -1,4 +1,4 @@
 """Built-in methods: declarations over `steer.edits` (parameters, edits(), pure math). Importing this package
 registers them: `steer.methods.vlm` (vision-language models) and `steer.methods.diffusion` (pipelines)."""
 
-from steer.methods import vlm  # noqa: F401
+from steer.methods import diffusion, vlm  # noqa: F401

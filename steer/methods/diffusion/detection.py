@@ -16,15 +16,12 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger("steer.diffusers")
 
 
 @dataclass

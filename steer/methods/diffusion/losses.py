@@ -16,6 +16,7 @@ m = 1..K with token positions T_m; token span S (``"prompt"``: 1..e−1 with e t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -120,17 +121,28 @@ def attend_excite_loss(maps: torch.Tensor) -> torch.Tensor:
     return torch.clamp(1.0 - peaks, min=0.0).max(dim=0).values
 
 
-def step_sizes(scale: float, num_steps: int) -> list[float]:
-    """α_i = s · sqrt(linspace(1, 0.5, T))[i] (A&E's schedule; T = 50: α_0 = s, α_49 = s·√0.5)."""
-    import numpy as np
+def linspace(start: float, stop: float, num: int) -> list[float]:
+    """``numpy.linspace(start, stop, num)`` in float64, bit for bit: ``i·step + start``, the last value ``stop``."""
+    if num <= 0:
+        return []
+    if num == 1:
+        return [float(start)]
+    step = (stop - start) / (num - 1)
+    values = [i * step + start for i in range(num)]
+    values[-1] = float(stop)
+    return values
 
-    return [float(a) for a in scale * np.sqrt(np.linspace(1.0, 0.5, num_steps))]
+
+def step_sizes(scale: float, num_steps: int) -> list[float]:
+    """α_i = s · sqrt(linspace(1, 0.5, T))[i] (A&E's schedule; T = 50: α_0 = s, α_49 = s·√0.5), in float64."""
+    return [scale * math.sqrt(x) for x in linspace(1.0, 0.5, num_steps)]
 
 
 __all__ = [
     "attend_excite_loss",
     "average_maps",
     "gaussian_kernel3",
+    "linspace",
     "max_normalize",
     "retention_loss",
     "retention_masks",

@@ -5,11 +5,12 @@ A stock pipeline gives no hook before its first UNet call that can change the lo
 of these with ``from_pipe(pipe)`` (same module objects, no copies) and returns it as ``handle.pipe``. They are
 not forks: ``__call__`` is the stock one (``super().__call__``), with three diffusers-conventional additions:
 
-* ``prepare_latents`` (overridden, calls the stock one) hands the controller the loop's initial latent;
+* ``prepare_latents`` (overridden, calls the stock one) hands the loop's initial latent to the latent update's
+  track (``_steer_track``, a `steer.backends.diffusers.latents.LatentTrack`, set while a handle is installed);
 * ``to`` is skipped while ``from_pipe`` builds it (from_pipe would cast the shared modules to float32);
 * a ``callback_on_step_end`` composed with the caller's own (function, `PipelineCallback` or
-  `MultiPipelineCallbacks`; it still receives exactly the tensors it asked for) hands the controller each new
-  latent as a copy the controller owns;
+  `MultiPipelineCallbacks`; it still receives exactly the tensors it asked for) hands the track each new latent
+  as a copy it owns, before the steps the update wants;
 * the UNet forward pre-hook of the steer runtime updates that latent in place before step i's UNet call and
   rebuilds the call's input with the stock expression (``cat([z]*2)`` under CFG, ``scale_model_input``).
 
@@ -24,7 +25,7 @@ from typing import Any
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from steer.diffusers.common import SteerInputError
+from steer.errors import SteerInputError
 
 _OFFLOAD_ATTRS = ("_all_hooks", "_offload_device", "_offload_gpu_id")
 
@@ -32,9 +33,8 @@ _OFFLOAD_ATTRS = ("_all_hooks", "_offload_device", "_offload_gpu_id")
 class _LatentUpdateMixin:
     """The additions shared by the SD and SDXL variants (see the module docstring)."""
 
-    _steer_controller: Any = None
+    _steer_track: Any = None
     _steer_source: Any = None
-    _steer_latents: Any = None
     _steer_building: bool = False
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
@@ -46,8 +46,8 @@ class _LatentUpdateMixin:
 
     def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
         latents = super().prepare_latents(*args, **kwargs)  # type: ignore[misc]
-        if self._steer_controller is not None:
-            self._steer_latents = latents
+        if self._steer_track is not None:
+            self._steer_track.latents = latents
         return latents
 
     def _steer_check_call(self, bound: inspect.BoundArguments) -> None:
@@ -66,7 +66,7 @@ class _LatentUpdateMixin:
             raise SteerInputError(f"{name}: prompt_2 must be None or equal to prompt while steering")
 
     def _steer_callback(self, bound: inspect.BoundArguments) -> None:
-        """Compose the caller's callback_on_step_end with the controller's latent hand-over."""
+        """Compose the caller's callback_on_step_end with the latent hand-over to the track."""
         args = bound.arguments
         user = args.get("callback_on_step_end")
         if isinstance(user, (PipelineCallback, MultiPipelineCallbacks)):
@@ -81,11 +81,11 @@ class _LatentUpdateMixin:
             if user is not None:
                 outputs = dict(user(pipe, i, t, {k: callback_kwargs[k] for k in user_inputs}) or {})
             latents = outputs.get("latents", callback_kwargs["latents"])
-            controller = pipeline._steer_controller
-            if controller is not None and controller.wants_latents_after(i):
-                latents = latents.clone()  # the controller updates this one in place before step i + 1
+            track = pipeline._steer_track
+            if track is not None and track.wants_latents_after(i):
+                latents = latents.clone()  # the update overwrites this one in place before step i + 1
                 outputs["latents"] = latents
-                pipeline._steer_latents = latents
+                track.latents = latents
             return outputs
 
         args["callback_on_step_end"] = callback_on_step_end
@@ -100,17 +100,18 @@ class _LatentUpdateMixin:
                 self.__dict__[attr] = source.__dict__[attr]
 
     def _steer_call(self, parent: type, *args: Any, **kwargs: Any) -> Any:
-        if self._steer_controller is None:
+        track = self._steer_track
+        if track is None:
             return parent.__call__(self, *args, **kwargs)
         bound = inspect.signature(parent.__call__).bind(self, *args, **kwargs)
         self._steer_check_call(bound)
         self._steer_callback(bound)
         self._steer_sync_offload()
-        self._steer_latents = None
+        track.latents = None
         try:
             return parent.__call__(*bound.args, **bound.kwargs)
         finally:
-            self._steer_latents = None
+            track.latents = None
 
 
 class AStarStableDiffusionPipeline(_LatentUpdateMixin, StableDiffusionPipeline):
