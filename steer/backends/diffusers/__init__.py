@@ -44,10 +44,12 @@ class PipelineBackend:
     def check(self, adapter: Any, edits: list[Edit], methods: list[Any]) -> None:
         from steer.backends.diffusers.installers import check
         from steer.backends.diffusers.installers.latent import check_exclusive
+        from steer.backends.diffusers.runtime import PipelineRuntime
 
+        runtime = PipelineRuntime.of(adapter.unet)
         for edit in edits:
-            check(adapter, edit)
-        check_exclusive(adapter, edits)
+            check(adapter, edit, runtime)
+        check_exclusive(adapter, edits, runtime)
 
     def handle(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from steer.backends.diffusers.installers import installer
+from steer.backends.diffusers.installers.registry import installer
 from steer.edits.kinds import Edit
 from steer.edits.pipeline import LatentUpdate
 from steer.errors import InvalidParameterError
@@ -15,13 +15,10 @@ if TYPE_CHECKING:
     from steer.backends.diffusers.runtime import PipelineRuntime
 
 
-def check_exclusive(adapter: Any, edits: list[Edit]) -> None:
+def check_exclusive(adapter: Any, edits: list[Edit], runtime: PipelineRuntime | None) -> None:
     """Refuse a second latent update on one pipeline (given together or already active): both would own the
     loop latent."""
-    from steer.backends.diffusers.runtime import PipelineRuntime
-
     names = [e.owner or "LatentUpdate" for e in edits if isinstance(e, LatentUpdate)]
-    runtime = PipelineRuntime.of(adapter.unet)
     if runtime is not None:
         names += [e.owner or "LatentUpdate" for e in runtime.edits() if isinstance(e, LatentUpdate)]
     if len(names) > 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from steer.backends.diffusers.installers import installer
+from steer.backends.diffusers.installers.registry import installer
 from steer.backends.diffusers.processors import check_wrappable
 from steer.edits.pipeline import ProcessorEdit
 from steer.errors import InvalidParameterError
@@ -15,17 +15,14 @@ if TYPE_CHECKING:
     from steer.backends.diffusers.runtime import PipelineRuntime
 
 
-def check_processor_edit(adapter: Any, edit: ProcessorEdit) -> None:
+def check_processor_edit(adapter: Any, edit: ProcessorEdit, runtime: PipelineRuntime | None) -> None:
     """The depths hold ``attn2`` layers and those layers run a stock processor."""
-    from steer.backends.diffusers.runtime import PipelineRuntime
-
     info = adapter.info
     what = "ProcessorEdit" if not edit.owner else f"{edit.owner} (ProcessorEdit)"
     try:
         depths = edit.resolve_depths(info.available_depths())
     except ValueError as exc:
         raise InvalidParameterError(f"{what}: {exc}") from None
-    runtime = PipelineRuntime.of(adapter.unet)
     current = runtime.saved if runtime is not None and runtime.saved is not None else adapter.unet.attn_processors
     for name in info.layers_at(depths):
         check_wrappable(name, current[name])
