@@ -68,6 +68,13 @@ class ForwardFacts:
     logits_to_keep: Any = 0
     forward_index: int = 0
     call: CallStore = field(default_factory=CallStore)
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def per_forward(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per forward (every layer asks the same): ``derived`` is emptied at each forward."""
+        if key not in self.derived:
+            self.derived[key] = compute()
+        return self.derived[key]
 
     @property
     def is_prefill(self) -> bool:
@@ -94,6 +101,10 @@ class ForwardFacts:
         """Image-token flags for ``key_len`` keys (decoded keys are never image tokens), [B, key_len]."""
         if self.image_mask is None:
             return None
+        return self.per_forward(("key_image_mask", key_len, device), lambda: self._key_image_mask(key_len, device))
+
+    def _key_image_mask(self, key_len: int, device: torch.device | None) -> torch.Tensor:
+        assert self.image_mask is not None
         mask = self.image_mask.to(device) if device is not None else self.image_mask
         length = mask.shape[1]
         if key_len <= length:
@@ -109,6 +120,10 @@ class ForwardFacts:
         """
         if self.image_mask is None:
             return None
+        return self.per_forward(("rows_after_first_image", device), lambda: self._rows_after_first_image(device))
+
+    def _rows_after_first_image(self, device: torch.device | None) -> torch.Tensor:
+        assert self.image_mask is not None
         mask = self.image_mask.to(device) if device is not None else self.image_mask
         has_image = mask.any(dim=1)
         first = torch.where(has_image, mask.float().argmax(dim=1), torch.full_like(has_image, 0, dtype=torch.long))

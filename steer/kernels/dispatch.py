@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from steer.kernels.lse import causal_mask, group_reweight
@@ -15,7 +16,7 @@ from steer.kernels.reference import Coefficients, group_reweight_reference
 if TYPE_CHECKING:
     from steer.kernels.rules import CoefficientRule
 
-__all__ = ["IMPLS", "forced_impl", "reweighted_attention"]
+__all__ = ["IMPLS", "forced_impl", "kernel_may_run", "reweighted_attention"]
 
 IMPLS = ("auto", "fused", "reference", "triton")
 ONE_PASS_MAX_ROWS = 16  # query rows up to which the Triton path computes the base output itself (decode)
@@ -34,6 +35,14 @@ def forced_impl(impl: str) -> Iterator[None]:
         yield
     finally:
         _FORCED.pop()
+
+
+def kernel_may_run(impl: str, device: torch.device) -> bool:
+    """Whether a call with ``impl`` on ``device`` may take the Triton path (so a coefficient rule is worth
+    building): ``"triton"``, or ``"auto"`` on CUDA, after any :func:`forced_impl`."""
+    if impl == "auto" and _FORCED:
+        impl = _FORCED[-1]
+    return impl == "triton" or (impl == "auto" and device.type == "cuda")
 
 
 def reweighted_attention(
@@ -89,9 +98,9 @@ def reweighted_attention(
         )
         if out is not None:
             return out
-    if callable(base_out):
-        base_out = base_out()
     if impl == "reference":
+        if callable(base_out):
+            base_out = base_out()
         if causal:
             tri = causal_mask(query.shape[2], key.shape[2], query.device)
             mask = tri if mask is None else mask.to(query.device) & tri

@@ -267,7 +267,7 @@ def group_reweight(
     coefficients: Coefficients,
     rows: Tensor | None = None,
     renormalize: bool = False,
-    base_out: Tensor | None = None,
+    base_out: Tensor | Callable[[], Tensor] | None = None,
     num_groups: int | None = None,
     base_lse: Tensor | None = None,
     causal: bool = False,
@@ -294,6 +294,8 @@ def group_reweight(
     ``labels.max()``). ``causal``: key j is allowed for row i only if j ≤ i + Lk − Lq (ANDed with ``mask``,
     usually None then); with gathered rows and ``base_out`` it costs a [B, 1, n, Lk] mask, never an
     [Lq, Lk] one. The result is a new tensor, except that ``base_out`` itself is returned when no row is edited.
+    ``base_out`` may be a function computing it: it is called only if needed (not when every row is edited and
+    the rows are few: the explicit path computes them from one probability block).
     """
     b, hq, _, lq, lk = _check_shapes(query, key, value)
     lab = _pad_labels(labels.to(query.device), b, lk)
@@ -301,27 +303,44 @@ def group_reweight(
     sel = _rows_mask(None if rows is None else rows.to(query.device), b, lq)
     m4 = None if mask is None else _as_4d_mask(mask.to(query.device), b, hq, lq, lk)
     dtype = query.dtype
-    if base_out is not None:
-        if base_out.shape != (b, hq, lq, value.shape[-1]):
-            raise ValueError(f"base_out must be [B, Hq, Lq, D] = {(b, hq, lq, value.shape[-1])}")
-        base_out = base_out.to(dtype)
+    make_base = base_out if callable(base_out) else None
+    if make_base is not None:
+        base_out = None
+
+    def resolved_base() -> Tensor | None:
+        nonlocal base_out, make_base
+        if make_base is not None:
+            base_out, make_base = make_base(), None
+        if base_out is not None:
+            if base_out.shape != (b, hq, lq, value.shape[-1]):
+                raise ValueError(f"base_out must be [B, Hq, Lq, D] = {(b, hq, lq, value.shape[-1])}")
+            base_out = base_out.to(dtype)
+        return base_out
+
+    if make_base is None:
+        resolved_base()
+    has_base = base_out is not None or make_base is not None
 
     # --- the edited rows: gathered per sample (idx [B, n], valid [B, n]) ---------------------------------
     if sel is not None and bool(sel.all()):
         sel = None
-    if causal and (sel is None or base_out is None):  # every row is needed: the whole triangle
+    if causal and (sel is None or not has_base):  # every row is needed: the whole triangle
         tri = causal_mask(lq, lk, query.device)
         m4 = tri if m4 is None else m4 & tri
         causal = False
+    n = lq if sel is None else int(sel.sum(1).max())
+    explicit = n <= MATH_MAX_ROWS
+    o_all: Tensor | None = None
     if sel is None:
         idx = valid = None
         q_sel, m_sel = query, m4
         lse_sel = base_lse
-        if base_out is None:
-            base_out = attention_with_lse(query, key, value, m4, scale)[0]
-        o_all = base_out
+        if not explicit:  # the merge starts from the plain output; the explicit path does not need it
+            o_all = resolved_base()
+            if o_all is None:
+                o_all = attention_with_lse(query, key, value, m4, scale)[0]
     else:
-        n = int(sel.sum(1).max())
+        base_out = resolved_base()
         if n == 0:
             return base_out if base_out is not None else attention_with_lse(query, key, value, m4, scale)[0]
         order = torch.sort((~sel).to(torch.uint8), dim=1, stable=True).indices  # edited rows first
@@ -338,16 +357,17 @@ def group_reweight(
             base_out = attention_with_lse(query, key, value, m4, scale)[0]
         o_all = _gather_rows(base_out, idx)
 
-    if q_sel.shape[2] <= MATH_MAX_ROWS:
+    if explicit:
         new = _explicit_reweight(q_sel, key, value, m_sel, lab, n_groups, scale, coefficients, valid, renormalize)
     else:
+        assert o_all is not None  # set above whenever the merge runs
         new = _merged_reweight(
             q_sel, key, value, m_sel, lab, n_groups, scale, coefficients, valid, renormalize, o_all, lse_sel
         )
 
     if idx is None:
         return new
-    assert valid is not None  # set together with idx
+    assert valid is not None and o_all is not None and base_out is not None  # set together with idx
     new = torch.where(valid[:, None, :, None], new, o_all)
     result = base_out.clone()
     result.scatter_(2, idx[:, None, :, None].expand_as(new), new)

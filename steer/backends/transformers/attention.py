@@ -269,8 +269,8 @@ def collect_head_out(edit: Collect, out: torch.Tensor, ectx: EditContext) -> Non
 
 
 def group_labels(edit: GroupReweight, ectx: EditContext, k_len: int, device: torch.device) -> torch.Tensor:
-    """Key-group labels [B, k_len] of this call: the image group, or the edit's labels padded with 0 (keys
-    decoded later are in no group)."""
+    """Key-group labels [B, <= k_len] of this call: the image group, or the edit's labels (keys decoded later
+    are in no group: the kernels pad shorter rows with 0)."""
     ctx = ectx.forward
     if edit.groups == "image":
         image = ctx.key_image_mask(k_len, device)
@@ -281,10 +281,7 @@ def group_labels(edit: GroupReweight, ectx: EditContext, k_len: int, device: tor
             )
         return image.long()
     labels = edit.groups(ectx).to(device).long()
-    if labels.shape[1] < k_len:
-        pad = labels.new_zeros(labels.shape[0], k_len - labels.shape[1])
-        labels = torch.cat([labels, pad], dim=1)
-    return labels[:, :k_len]
+    return labels[:, :k_len]  # the kernels pad shorter rows with 0
 
 
 def edited_rows(edit: GroupReweight, ectx: EditContext, q_len: int, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -349,7 +346,7 @@ def run_group_reweight(
     function that computes it when needed (see ``reweighted_attention``), and ``base_lse`` its
     log-sum-exp, when the caller has it. ``causal``: the mask is the causal triangle (then ``mask`` is
     None and nobody builds it)."""
-    from steer.kernels.dispatch import reweighted_attention
+    from steer.kernels.dispatch import kernel_may_run, reweighted_attention
 
     labels = group_labels(edit, ectx, key.shape[2], key.device)
     rows = edited_rows(edit, ectx, query.shape[2], query.shape[0], query.device)
@@ -367,7 +364,7 @@ def run_group_reweight(
         renormalize=edit.renormalize,
         base_out=base,
         impl=edit.impl,
-        rule=coefficient_rule(edit, ectx),
+        rule=coefficient_rule(edit, ectx) if kernel_may_run(edit.impl, query.device) else None,
         base_lse=base_lse,
         causal=causal,
     )

@@ -306,6 +306,7 @@ class Runtime(HandleRuntime):
             ctx.padding_mask = padding
             ctx.logits_to_keep = keep
             ctx.forward_index += 1
+            ctx.derived = {}
             if self.whole_prefill and input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] > 1:
                 if bool(self.adapter.image_token_mask(input_ids).any()):
                     raise ImageLayoutError(

@@ -142,7 +142,7 @@ def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
         assert reference is not None  # every builder gives embeddings or ids
         facts = dataclasses.replace(
             ctx, batch_size=int(reference.shape[0]), query_len=int(reference.shape[1]), past_length=0,
-            padding_mask=padding, logits_to_keep=0,
+            padding_mask=padding, logits_to_keep=0, derived={},
         )  # fmt: skip
         with runtime.running(key, facts), torch.no_grad():
             module(**inputs, use_cache=False)
