@@ -304,22 +304,21 @@ def group_reweight(
     m4 = None if mask is None else _as_4d_mask(mask.to(query.device), b, hq, lq, lk)
     dtype = query.dtype
     make_base = base_out if callable(base_out) else None
-    if make_base is not None:
-        base_out = None
+    plain: Tensor | None = None if callable(base_out) else base_out
 
     def resolved_base() -> Tensor | None:
-        nonlocal base_out, make_base
+        nonlocal plain, make_base
         if make_base is not None:
-            base_out, make_base = make_base(), None
-        if base_out is not None:
-            if base_out.shape != (b, hq, lq, value.shape[-1]):
+            plain, make_base = make_base(), None
+        if plain is not None:
+            if plain.shape != (b, hq, lq, value.shape[-1]):
                 raise ValueError(f"base_out must be [B, Hq, Lq, D] = {(b, hq, lq, value.shape[-1])}")
-            base_out = base_out.to(dtype)
-        return base_out
+            plain = plain.to(dtype)
+        return plain
 
     if make_base is None:
         resolved_base()
-    has_base = base_out is not None or make_base is not None
+    has_base = plain is not None or make_base is not None
 
     # --- the edited rows: gathered per sample (idx [B, n], valid [B, n]) ---------------------------------
     if sel is not None and bool(sel.all()):
@@ -340,9 +339,9 @@ def group_reweight(
             if o_all is None:
                 o_all = attention_with_lse(query, key, value, m4, scale)[0]
     else:
-        base_out = resolved_base()
+        base = resolved_base()
         if n == 0:
-            return base_out if base_out is not None else attention_with_lse(query, key, value, m4, scale)[0]
+            return base if base is not None else attention_with_lse(query, key, value, m4, scale)[0]
         order = torch.sort((~sel).to(torch.uint8), dim=1, stable=True).indices  # edited rows first
         idx = order[:, :n]
         valid = torch.gather(sel, 1, idx)
@@ -353,9 +352,9 @@ def group_reweight(
             keys = torch.arange(lk, device=query.device)
             tri = keys[None, None, None, :] <= (idx + (lk - lq))[:, None, :, None]
             m_sel = tri if m_sel is None else m_sel & tri
-        if base_out is None:
-            base_out = attention_with_lse(query, key, value, m4, scale)[0]
-        o_all = _gather_rows(base_out, idx)
+        if base is None:
+            base = attention_with_lse(query, key, value, m4, scale)[0]
+        o_all = _gather_rows(base, idx)
 
     if explicit:
         new = _explicit_reweight(q_sel, key, value, m_sel, lab, n_groups, scale, coefficients, valid, renormalize)
@@ -367,9 +366,9 @@ def group_reweight(
 
     if idx is None:
         return new
-    assert valid is not None and o_all is not None and base_out is not None  # set together with idx
+    assert valid is not None and o_all is not None and base is not None  # set together with idx
     new = torch.where(valid[:, None, :, None], new, o_all)
-    result = base_out.clone()
+    result = base.clone()
     result.scatter_(2, idx[:, None, :, None].expand_as(new), new)
     return result
 
