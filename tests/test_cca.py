@@ -557,9 +557,16 @@ def test_recipes() -> None:
         assert "cca" in recipe.methods
     model, processor = zoo.load_tiny("qwen2_vl")
     inputs = inputs_for(processor, "qwen2_vl", size=(112, 112))
-    with steer.apply(model, steer.recipe("qwen2-vl/cca")) as handle:
+    plain = logits(model, inputs)
+    recipe = steer.recipe("qwen2-vl/cca")
+    with steer.apply(model, recipe) as handle:
         assert handle.params["cca"]["mrope"] == "ring_t"
-        logits(model, inputs)
+        from_recipe = logits(model, inputs)
+        assert handle.state["cca"]["variant"] == "ring_t" and handle.state["cca"]["switches"] == {"positions": True, "mask": True}
+    with steer.apply(model, "cca", **recipe.methods["cca"]):
+        direct = logits(model, inputs)
+    assert torch.equal(from_recipe, direct)  # the recipe is exactly its settings
+    assert (from_recipe - plain)[inputs["attention_mask"].bool()].abs().max() > 1e-4  # and it acts
 
 
 # ---- composition with FasterVLM (specs/cca.md step 1; specs/fastervlm.md step 9) -------------------------

@@ -13,28 +13,82 @@ from steer import edits, zoo
 from steer.backends.transformers.runtime import Runtime
 
 
+def _every_other_image_key(e: edits.EditContext) -> torch.Tensor | None:
+    """AND-mask for prefill: hide the image keys at even sequence positions (None at decode: no change)."""
+    if e.phase == "decode":
+        return None
+    image = e.forward.key_image_mask(e.key_len)
+    even = torch.arange(image.shape[1]) % 2 == 0
+    return ~(image & even)[:, None, None, :]
+
+
+def _towards_text_only(x: torch.Tensor, e: edits.EditContext) -> torch.Tensor | None:
+    """Add a tenth of the text-only prompt's last-token state (collected in the auxiliary run) at every position."""
+    text = e.collected("text_state", e.layer)
+    return None if text is None else x + 0.1 * text[:, None, :].to(x.dtype)
+
+
+def _gap_after_first_image(pos: torch.Tensor, e: edits.EditContext) -> torch.Tensor:
+    """Positions from the first image token on move 5 further (RoPE is relative: a uniform shift would not act)."""
+    assert e.image is not None
+    after = (e.image.mask.long().cumsum(1) > 0).long().to(pos.device)
+    return pos + 5 * after  # [B, T] or [3, B, T]
+
+
 def strong_edits(model: torch.nn.Module) -> list:
-    """Edits of every kind at a strength that visibly changes the output."""
+    """Edits of every kind at a strength that visibly changes the output (each acts on its own layer)."""
     d = model.config.text_config.hidden_size
     g = torch.Generator().manual_seed(1)
     return [
         edits.HeadScale(layers=[1, 2], scale=3.0, heads=[0, 3]),
         edits.GroupReweight(layers=[2, 3], coefficients=[1.0, 4.0], groups="image", rows="after_image", renormalize=True),
-        edits.AttentionMask(layers=[3], mask=lambda e: None if e.phase == "decode" else None),
+        edits.AttentionMask(layers=[1], mask=_every_other_image_key),
         edits.ResidualAdd(layers=[0], vector=torch.randn(d, generator=g)),
+        edits.Transform(site="layer.mlp.out", layers=[1], fn=lambda x, e: x * 1.5),
+        edits.SourceRun(name="text", inputs="text_only"),
+        edits.Collect(name="text_state", site="layer.out", layers=[2], select="last", runs=("text",)),
+        edits.Transform(site="layer.out", layers=[2], fn=_towards_text_only),
+        edits.Positions(fn=_gap_after_first_image),
         edits.LogitsTransform(fn=lambda f, e: f * 1.5),
     ]
 
 
 def zero_edits(model: torch.nn.Module) -> list:
+    """Every kind at zero strength: the identity."""
     d = model.config.text_config.hidden_size
     return [
         edits.HeadScale(layers="all", scale=1.0),
         edits.AttentionMask(layers="all", mask=torch.ones(1, 1, 1, 1, dtype=torch.bool)),
         edits.GroupReweight(layers="all", coefficients=[1.0, 1.0], groups="image", rows="all"),
         edits.ResidualAdd(layers="all", vector=torch.zeros(d)),
+        edits.Transform(site="layer.mlp.out", layers="all", fn=lambda x, e: x * 1.0),
+        edits.SourceRun(name="text", inputs="text_only"),
+        edits.Collect(name="text_state", site="layer.out", layers="all", select="last", runs=("text",)),
+        edits.Collect(name="heads", site="layer.attn.head_out", layers="all", select="last"),
+        edits.Positions(fn=lambda pos, e: pos),
         edits.LogitsTransform(fn=lambda f, e: f),
     ]
+
+
+def test_every_kind_acts_and_a_zero_set_collects() -> None:
+    """Each edit of the strong set changes the output on its own; the zero set's collects really collect."""
+    model, processor = zoo.load_tiny("llava")
+    inputs = batch_inputs(processor, "llava")
+    ref = logits(model, inputs)
+    for edit in strong_edits(model):
+        if isinstance(edit, (edits.SourceRun, edits.Collect)):
+            continue  # they act through the Transform that reads what they collect
+        group = [edit]
+        if isinstance(edit, edits.Transform) and edit.site == "layer.out":
+            group = [e for e in strong_edits(model) if isinstance(e, (edits.SourceRun, edits.Collect))] + [edit]
+        with steer.apply(model, group):
+            out = logits(model, inputs)
+        assert (out - ref)[real(inputs)].abs().max() > 1e-3, type(edit).__name__
+    seen: list = []
+    probe = edits.Transform(site="layer.out", layers=[3], fn=lambda x, e: seen.append(e.collected("text_state", 3)))
+    with steer.apply(model, [*zero_edits(model), probe]):
+        logits(model, inputs)
+    assert len(seen) == 1 and seen[0].shape == (3, model.config.text_config.hidden_size)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

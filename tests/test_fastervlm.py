@@ -495,24 +495,72 @@ def test_composes_with_attention_methods(family: str) -> None:
         tokens = generate(model, inputs, max_new_tokens=3)
         assert Runtime.of(model).context.image_mask.sum(1).tolist() == mask.sum(1).tolist()
     assert tokens.shape == (3, 3)
-    if family == "llava":  # VHR's no-image branch is built from the pruned prompt
-        with steer.apply(model, ["vhr", "fastervlm"], vhr={"layers": [1, 2]}, fastervlm={"reduction": 0.5}) as h:
-            assert generate(model, inputs, max_new_tokens=3).shape == (3, 3)
-            assert h.state["vhr"]["layers"] == [1, 2]
+
+
+def pruned_call(model: Any, inputs: Any, **fastervlm: Any) -> dict[str, Any]:
+    """What the model's forward receives once FasterVLM has pruned a direct call (ids, mask, kept features)."""
+    seen: list[dict[str, Any]] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    try:
+        with steer.apply(model, "fastervlm", **fastervlm):
+            logits(model, inputs)
+    finally:
+        hook.remove()
+    return {k: seen[0][k] for k in ("input_ids", "attention_mask", "mm_encoder_outputs") if seen[0].get(k) is not None}
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [("var", {"sink_dims": list(range(16)), "tau": 2.5, "p": 0.1, "rho": 0.0, "min_visual_mass": 0.0}), ("vhr", {"layers": [1, 2], "alpha": 3.0})],
+)
+def test_pruning_then_a_method_equals_the_method_on_the_pruned_prompt(method: str, params: dict) -> None:
+    """fastervlm + X == X alone on the prompt FasterVLM sends the language model (LLaVA, contiguous positions):
+    X sees the pruned sequence (its image tokens are the kept ones; VHR's no-image branch is the pruned prompt
+    without them), and acts there."""
+    model, processor = tiny("llava")
+    inputs = batch_inputs(processor, "llava")
+    pruned = pruned_call(model, inputs, reduction=0.5)
+    assert (pruned["input_ids"] == model.config.image_token_id).sum(1).tolist() == [8, 8, 8]
+    with steer.apply(model, method, **params) as alone:
+        expected = logits(model, pruned)
+        expected_state = alone.state[method]
+    with steer.apply(model, ["fastervlm", method], fastervlm={"reduction": 0.5}, **{method: params}) as both:
+        got = logits(model, inputs)
+        state = both.state[method]
+    with steer.apply(model, "fastervlm", reduction=0.5):
+        pruned_only = logits(model, inputs)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (got - pruned_only).abs().max() > 1e-3  # the method really acts on the pruned prompt
+    if method == "var":
+        assert [row[2]["visual_sinks"] for row in state["samples"]] == [row[2]["visual_sinks"] for row in expected_state["samples"]]
+        assert int(sum(int(row[2]["selected_rows"].sum()) for row in state["samples"])) > 0
+    else:
+        assert state["heads"] == expected_state["heads"]
 
 
 def test_composes_with_cca_on_the_kept_tokens() -> None:
-    """CCA lays out the pruned blocks from the PrunedLayout artifact FasterVLM publishes for the call (the kept
-    tokens' original grid cells; details in tests/test_cca.py)."""
+    """CCA lays out the pruned blocks from the PrunedLayout artifact FasterVLM publishes for the call: the kept
+    tokens keep the rings of their original (i, j) on the 4 x 4 grid, Delta = T - R = 8 - 2 (more in
+    tests/test_cca.py)."""
+    from steer.methods.vlm.cca import rings
+
     model, processor = tiny("llava")
     with pytest.warns(UserWarning), steer.apply(model, ["cca", "fastervlm"], fastervlm={"reduction": 0.5}) as h:
         assert generate(model, batch_inputs(processor, "llava", n=1), max_new_tokens=3).shape == (1, 3)
-        layout = Runtime.of(model).context.call.artifacts[PrunedLayout]
+        runtime = Runtime.of(model)
+        layout = runtime.context.call.artifacts[PrunedLayout]
+        ids = runtime.context.prompt_ids
         kept = h.state["fastervlm"]["samples"][0][0]["kept"]
-        assert [[image.record for image in row] for row in layout.images] == h.state["fastervlm"]["samples"]
-        assert layout.positions == "contiguous"
-        assert layout.images[0][0].blocks[0].kept.tolist() == kept.tolist()
-        assert h.state["cca"]["samples"][0]["blocks"][0]["kept"] == kept.tolist()
+        cca_state = h.state["cca"]["samples"][0]
+    image = layout.images[0][0]
+    assert (image.sent, image.stock, layout.positions) == (8, 16, "contiguous")
+    assert image.blocks[0].block.grid == (4, 4) and image.blocks[0].kept.tolist() == kept.tolist()
+    start = int((ids[0] == model.config.image_token_id).nonzero()[0])
+    assert cca_state["blocks"][0] == {"start": start, "grid": (4, 4), "R": 2, "tokens": 8, "kind": "image", "kept": kept.tolist()}
+    assert cca_state["deltas"] == [8 - 2]
+    ring = rings(4, 4).flatten()[kept]
+    image_ids = cca_state["position_ids"][start : start + 8]  # no left padding with one row
+    assert (image_ids - image_ids[0] + ring[0]).tolist() == ring.tolist()
 
 
 def test_refuses_a_grid_method_that_cannot_read_the_pruned_layout(monkeypatch: pytest.MonkeyPatch) -> None:

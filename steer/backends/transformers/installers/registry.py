@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from steer.edits.kinds import Edit
+from steer.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     from steer.backends.transformers.runtime import Runtime
@@ -40,9 +41,10 @@ def installer_for(edit: Edit) -> Installer:
         found = INSTALLERS.get(kind)
         if found is not None:
             return found
-    raise TypeError(
-        f"steer does not know how to install {type(edit).__name__} on a transformers model; use an edit from "
-        "steer.edits"
+    raise InvalidParameterError(
+        f"{type(edit).__name__} does not act on vision-language models; they take the edits of steer.edits.kinds "
+        "(HeadScale, GroupReweight, Transform, Collect, SourceRun, Positions, PruneVisionTokens, ...); "
+        "ProcessorEdit and LatentUpdate are for diffusers pipelines"
     )
 
 
