@@ -10,6 +10,7 @@ from steer.api import apply, methods  # `steer.methods` is the function; the pac
 from steer.backends.lifecycle import Steering
 from steer.errors import (
     AlreadySteeredError,
+    ConcurrentSteeringError,
     ImageLayoutError,
     IncompatibleMethodsError,
     InvalidParameterError,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlreadySteeredError",
+    "ConcurrentSteeringError",
     "ImageLayoutError",
     "IncompatibleMethodsError",
     "InvalidParameterError",

@@ -39,6 +39,10 @@ class SteeringRemovedError(SteerError, RuntimeError):
     """A handle was used after `remove()`."""
 
 
+class ConcurrentSteeringError(SteerError, RuntimeError):
+    """A handle was applied or removed while the model runs in another thread."""
+
+
 class ImageLayoutError(SteerError, ValueError):
     """The image tokens of a prompt cannot be laid out as the grids a method needs (placeholders and images do
     not match, a grid the family cannot give, a chunked prefill that splits an image)."""

@@ -122,13 +122,14 @@ class LlavaNextAdapter(ClipScoring, PruningAdapter, Adapter):
         return "[INST] " + "<image>\n" * n_images + f"{question} [/INST]"
 
     # ---- pruning: per crop top-T by its own [CLS] row, packed per layout ----------------------------
-    def pack_wrapper(self, keep: Keep, scores: list[Tensor], layout: str) -> Callable[[], None] | None:
+    def pack_wrapper(
+        self, keep: Keep, scores: list[Tensor], layout: str, packed_images: list[PrunedImage]
+    ) -> Callable[[], None] | None:
         """While encoding, ``pack_image_features`` keeps each crop's tokens and packs them (see :meth:`_pack_one`)."""
         owner = cast(Any, self.image_encoder)
         original = owner.pack_image_features
         had = "pack_image_features" in owner.__dict__
         previous = owner.__dict__.get("pack_image_features")
-        self._packed: list[PrunedImage] = []
 
         def pack(*args: Any, **kwargs: Any) -> Any:
             bound = inspect.signature(original).bind(*args, **kwargs).arguments
@@ -142,7 +143,7 @@ class LlavaNextAdapter(ClipScoring, PruningAdapter, Adapter):
             for feature, score, size in zip(features, per_image, sizes):
                 tokens, image = self._pack_one(feature, score, [int(v) for v in size.tolist()], newline, keep, layout)
                 packed.append(tokens)
-                self._packed.append(image)
+                packed_images.append(image)
             lens = torch.tensor([int(t.shape[0]) for t in packed], dtype=torch.long, device=packed[0].device)
             return packed, lens
 
@@ -157,11 +158,12 @@ class LlavaNextAdapter(ClipScoring, PruningAdapter, Adapter):
         return undo
 
     def select(
-        self, out: Any, scores: list[Tensor], keep: Keep, encoder: dict[str, Any], layout: str
+        self, out: Any, scores: list[Tensor], keep: Keep, encoder: dict[str, Any], layout: str,
+        packed: list[PrunedImage],
     ) -> list[PrunedImage]:
-        if not self._packed:
+        if not packed:
             raise VisionPruningError("LLaVA-NeXT features were not packed through pack_image_features")
-        return self._packed
+        return packed
 
     def _pack_one(
         self, feature: Tensor, score: Tensor, size: list[int], newline: Tensor | None, keep: Keep, layout: str

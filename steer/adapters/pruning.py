@@ -9,6 +9,7 @@ overrides :meth:`PruningAdapter.select` (which tokens of each image to keep and 
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -18,6 +19,10 @@ from steer.edits.artifacts import KeptBlock, PrunedImage
 from steer.errors import VisionPruningError
 
 Keep = Callable[[Tensor, "Tensor | None"], Tensor]
+
+#: One encode-with-scoring at a time per process: the scoring hook and (LLaVA-NeXT) the packing wrapper are put
+#: on the shared modules for the duration of one encode, so two threads pruning at once take turns.
+_ENCODE_LOCK = threading.Lock()
 
 
 def kept_blocks(blocks: tuple[Any, ...], offsets: Tensor) -> list[KeptBlock]:
@@ -57,34 +62,40 @@ class PruningAdapter:
         """
         encoder = self.encoder_kwargs(kwargs)
         scores: list[Tensor] = []
+        packed: list[PrunedImage] = []
         adapter: Any = self
-        hook = adapter.vision_attention(layer).register_forward_pre_hook(
-            self.score_hook(scores, encoder), with_kwargs=True
-        )
-        extra = self.pack_wrapper(keep, scores, layout)
-        try:
-            out = adapter.image_encoder.get_image_features(
-                pixel_values=kwargs["pixel_values"], **encoder, return_dict=True
+        with _ENCODE_LOCK:
+            hook = adapter.vision_attention(layer).register_forward_pre_hook(
+                self.score_hook(scores, encoder), with_kwargs=True
             )
-        finally:
-            hook.remove()
-            if extra is not None:
-                extra()
+            extra = self.pack_wrapper(keep, scores, layout, packed)
+            try:
+                out = adapter.image_encoder.get_image_features(
+                    pixel_values=kwargs["pixel_values"], **encoder, return_dict=True
+                )
+            finally:
+                hook.remove()
+                if extra is not None:
+                    extra()
         if not scores:
             raise VisionPruningError(f"the scoring layer {layer} of the vision tower did not run while encoding")
-        return out, self.select(out, scores, keep, encoder, layout)
+        return out, self.select(out, scores, keep, encoder, layout, packed)
 
     # ---- family parts ------------------------------------------------------------------------------------
     def score_hook(self, scores: list[Tensor], encoder: dict[str, Any]) -> Callable[..., None]:
         """A forward pre-hook (with kwargs) for the scoring vision attention module appending its scores."""
         raise NotImplementedError
 
-    def pack_wrapper(self, keep: Keep, scores: list[Tensor], layout: str) -> Callable[[], None] | None:
-        """Install whatever the family needs while encoding; returns the function that undoes it (or None)."""
+    def pack_wrapper(
+        self, keep: Keep, scores: list[Tensor], layout: str, packed: list[PrunedImage]
+    ) -> Callable[[], None] | None:
+        """Install whatever the family needs while encoding (appending its pruned images to ``packed``); returns
+        the function that undoes it (or None)."""
         return None
 
     def select(
-        self, out: Any, scores: list[Tensor], keep: Keep, encoder: dict[str, Any], layout: str
+        self, out: Any, scores: list[Tensor], keep: Keep, encoder: dict[str, Any], layout: str,
+        packed: list[PrunedImage],
     ) -> list[PrunedImage]:
         """Keep the top tokens of every image in ``out.pooler_output`` (in place); one PrunedImage each."""
         adapter: Any = self

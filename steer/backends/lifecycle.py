@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar, TypeVar
 
-from steer.errors import SteeringRemovedError
+from steer.errors import ConcurrentSteeringError, SteeringRemovedError
 
 R = TypeVar("R", bound="HandleRuntime")
 
@@ -28,6 +28,36 @@ class HandleRuntime:
         self.target = target
         self.handles: list[Steering] = []
         self._local = threading.local()
+        self._calls_lock = threading.Lock()
+        self._calls: dict[int, int] = {}  # thread id -> calls of the target in flight there
+
+    # ---- calls in flight (several threads may run the target at once; installs may not) -----------
+    def enter_call(self) -> None:
+        """A call of the target (a forward or a whole ``generate``) starts in this thread."""
+        me = threading.get_ident()
+        with self._calls_lock:
+            self._calls[me] = self._calls.get(me, 0) + 1
+
+    def exit_call(self) -> None:
+        me = threading.get_ident()
+        with self._calls_lock:
+            left = self._calls.get(me, 0) - 1
+            if left > 0:
+                self._calls[me] = left
+            else:
+                self._calls.pop(me, None)
+
+    def _refuse_while_running_elsewhere(self, what: str) -> None:
+        me = threading.get_ident()
+        with self._calls_lock:
+            others = sorted(t for t in self._calls if t != me)
+        if others:
+            raise ConcurrentSteeringError(
+                f"cannot {what} while {type(self.target).__name__} is running in another thread (thread id "
+                f"{others[0]}): the change would reach that call half way. Apply or remove handles before the "
+                "threads start, or after their calls return; calls of one steered model from several threads "
+                "are fine."
+            )
 
     @classmethod
     def of(cls: type[R], target: Any) -> R | None:
@@ -57,6 +87,7 @@ class HandleRuntime:
 
     # ---- handles ----------------------------------------------------------------------------------
     def attach(self, handle: Steering) -> None:
+        self._refuse_while_running_elsewhere("apply a handle")
         self.handles.append(handle)
         try:
             self._reinstall()
@@ -68,6 +99,7 @@ class HandleRuntime:
             raise
 
     def detach(self, handle: Steering) -> None:
+        self._refuse_while_running_elsewhere("remove a handle")
         if handle in self.handles:
             self.handles.remove(handle)
         self._reinstall()
@@ -143,9 +175,10 @@ class Steering:
 
     def remove(self) -> None:
         """Remove every edit of this handle; idempotent. Other handles on the same target stay."""
-        runtime, self._runtime = self._runtime, None
+        runtime = self._runtime
         if runtime is not None:
-            runtime.detach(self)
+            runtime.detach(self)  # may refuse (another thread runs the model): the handle stays active
+            self._runtime = None
 
     def disabled(self) -> contextlib.AbstractContextManager[None]:
         """``with handle.disabled():`` runs with every steer edit off (e.g. for a baseline)."""

@@ -9,6 +9,7 @@ out every image's grid (`steer.adapters.base.Adapter.image_layout`).
 from __future__ import annotations
 
 import inspect
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +21,21 @@ if TYPE_CHECKING:
 
 
 class ImageMetadata:
-    """Per-runtime record: id(feature tensor) -> (weak reference, the image's size or grid)."""
+    """Per-runtime, per-thread record: id(feature tensor) -> (weak reference, the image's size or grid)."""
 
     def __init__(self) -> None:
-        self._features: dict[int, tuple[weakref.ref, Any]] = {}
+        self._local = threading.local()
+
+    @property
+    def _features(self) -> dict[int, tuple[weakref.ref, Any]]:
+        features = getattr(self._local, "features", None)
+        if features is None:
+            features = self._local.features = {}
+        return features
+
+    @_features.setter
+    def _features(self, value: dict[int, tuple[weakref.ref, Any]]) -> None:
+        self._local.features = value
 
     def install(self, runtime: Runtime) -> None:
         owner = runtime.adapter.image_encoder

@@ -217,6 +217,7 @@ class Runtime(HandleRuntime):
         self.images.install(self)
         for edit in ordered(edits):
             install(self, edit)
+        self.wrap(model, "generate", self._wrap_generate)  # outermost: pruning's wrapper runs inside it
         if self.attention_edits:
             attention_fn.register()
             config = self.adapter.attention_config
@@ -259,9 +260,22 @@ class Runtime(HandleRuntime):
     # ---- per-forward context --------------------------------------------------------------------------
     def _leave_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._local.depth = max(getattr(self._local, "depth", 1) - 1, 0)
+        self.exit_call()
+
+    def _wrap_generate(self, original: Any) -> Any:
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            """The caller's generate, counted as one call in flight (no handle may change under it)."""
+            self.enter_call()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.exit_call()
+
+        return generate
 
     def _capture_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._local.depth = getattr(self._local, "depth", 0) + 1
+        self.enter_call()
         if self.bypassed:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
