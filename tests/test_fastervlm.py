@@ -12,6 +12,7 @@ from helpers import batch_inputs, generate, hook_count, logits, row_inputs
 
 import steer
 from steer import zoo
+from steer.adapters import adapter_for
 from steer.adapters.llava_next import next_token_counts
 from steer.adapters.scores import cls_attention
 from steer.backends.transformers.runtime import Runtime
@@ -579,3 +580,95 @@ def test_recipes() -> None:
     for family in ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl"):
         assert steer.recipe(f"{family}/fastervlm").methods == {"fastervlm": {"reduction": 0.75}}
         assert steer.recipe(f"{family}/fastervlm-90").methods == {"fastervlm": {"reduction": 0.9}}
+
+
+# --------------------------------------------------------------------------------------------------
+# scores through the tower's own modules: quantised, adapted, offloaded (issue 17 A2)
+
+
+class FakeInt8Linear(torch.nn.Module):
+    """A weight-only int8 linear layer: ``weight`` holds int8 codes, the forward dequantises (as bitsandbytes'
+    8-bit layers do); reading ``.weight`` as a float matrix gives the wrong projection."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        self.scale = torch.nn.Parameter(w.abs().amax(1, keepdim=True) / 127.0, requires_grad=False)
+        self.weight = torch.nn.Parameter(torch.round(w / self.scale).to(torch.int8), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.float() * self.scale, self.bias)
+
+
+class LoRALinear(torch.nn.Module):
+    """``base(x) + x A^T B^T`` (a LoRA adapter on a projection)."""
+
+    def __init__(self, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.base, self.a, self.b = base, a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.a.T @ self.b.T
+
+
+def kept_of(model: Any, inputs: Any) -> list[list[int]]:
+    with steer.apply(model, "fastervlm", reduction=0.5) as h:
+        logits(model, inputs)
+        return [row[0]["kept"].tolist() for row in h.state["fastervlm"]["samples"]]
+
+
+def scoring_attention(model: Any) -> Any:
+    adapter = adapter_for(model)
+    return adapter.vision_attention(adapter.info.default_score_layer)
+
+
+def test_scores_go_through_quantised_projection_modules() -> None:
+    model, processor = zoo.load_tiny("llava")
+    inputs = batch_inputs(processor, "llava")
+    attn = scoring_attention(model)
+    with torch.no_grad():  # make the weights exactly representable in int8, so fp32 and int8 agree
+        for proj in (attn.q_proj, attn.k_proj):
+            scale = proj.weight.abs().amax(1, keepdim=True) / 127.0
+            proj.weight.copy_(torch.round(proj.weight / scale) * scale)
+    reference = kept_of(model, inputs)
+    attn.q_proj, attn.k_proj = FakeInt8Linear(attn.q_proj), FakeInt8Linear(attn.k_proj)
+    assert attn.q_proj.weight.dtype == torch.int8
+    assert kept_of(model, inputs) == reference
+
+
+def test_scores_see_a_lora_adapter_on_the_tower() -> None:
+    model, processor = zoo.load_tiny("llava")
+    inputs = batch_inputs(processor, "llava")
+    attn = scoring_attention(model)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, attn.k_proj.in_features, generator=g), torch.randn(attn.k_proj.out_features, 2, generator=g)
+    plain = kept_of(model, inputs)
+    merged, _ = zoo.load_tiny("llava")  # the same tower with the adapter merged into the weights
+    with torch.no_grad():
+        scoring_attention(merged).k_proj.weight += b @ a
+    expected = kept_of(merged, inputs)
+    attn.k_proj = LoRALinear(attn.k_proj, a, b)
+    got = kept_of(model, inputs)
+    assert got == expected and got != plain
+
+
+def test_scores_under_accelerate_offload_of_the_tower() -> None:
+    from accelerate import cpu_offload
+
+    model, processor = zoo.load_tiny("llava")
+    inputs = batch_inputs(processor, "llava")
+    reference = kept_of(model, inputs)
+    cpu_offload(model.model.vision_tower, execution_device=torch.device("cpu"))
+    assert scoring_attention(model).q_proj.weight.device.type == "meta"
+    assert kept_of(model, inputs) == reference
+
+
+def test_a_tower_without_projection_modules_is_refused_at_apply() -> None:
+    model, _ = zoo.load_tiny("llava")
+    attn = scoring_attention(model)
+    del attn.q_proj
+    attn.q_proj = None
+    with pytest.raises(UnsupportedModelError, match="no q_proj projection module"):
+        steer.apply(model, "fastervlm")
+    assert Runtime.of(model) is None

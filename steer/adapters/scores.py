@@ -3,7 +3,9 @@
 * :func:`cls_attention` — the [CLS] row of a CLIP attention layer (LLaVA-1.5, LLaVA-NeXT);
 * :func:`received_attention` — the mean attention each token receives in a Qwen vision block (no [CLS]).
 
-Both work in fp32 and never build more than a query chunk of the N x N map.
+Both call the layer's own projection modules (so quantised weights, adapters such as LoRA and offloading hooks
+act as in the model's forward; nothing reads ``.weight``), upcast to fp32 after the projection, and never build
+more than a query chunk of the N x N map.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import sys
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -22,18 +23,27 @@ def cls_attention(x: Tensor, attn: nn.Module) -> Tensor:
     ``s_j = mean_h softmax(q0_h K_h^T * d^-1/2)[1 + j]`` in fp32 (column 0, CLS -> CLS, dropped, not
     renormalised).
     """
-    x = x.float()
     batch, length, _ = x.shape
     heads = int(cast(Any, attn).num_heads)
     head_dim = int(getattr(attn, "head_dim", x.shape[-1] // heads))
     scale = float(getattr(attn, "scale", head_dim**-0.5))
-    q_proj, k_proj = cast(nn.Linear, attn.q_proj), cast(nn.Linear, attn.k_proj)
-    q_bias = q_proj.bias.float() if q_proj.bias is not None else None
-    k_bias = k_proj.bias.float() if k_proj.bias is not None else None
-    q0 = F.linear(x[:, :1], q_proj.weight.float(), q_bias).view(batch, 1, heads, head_dim).transpose(1, 2)
-    k = F.linear(x, k_proj.weight.float(), k_bias).view(batch, length, heads, head_dim).transpose(1, 2)
+    q_proj, k_proj = cast(nn.Module, attn.q_proj), cast(nn.Module, attn.k_proj)
+    q0 = q_proj(x[:, :1]).float().view(batch, 1, heads, head_dim).transpose(1, 2)
+    k = k_proj(x).float().view(batch, length, heads, head_dim).transpose(1, 2)
     probs = torch.softmax((q0 @ k.transpose(-1, -2)) * scale, dim=-1)  # [B, H, 1, 1+N]
     return probs[:, :, 0, 1:].mean(dim=1)
+
+
+def scoring_problem(attn: nn.Module, kind: str) -> str | None:
+    """Why a vision attention module cannot be scored (None: it can): the projections the score needs must be
+    modules (a plain Linear, a quantised or adapted one)."""
+    names = ("q_proj", "k_proj") if kind == "cls" else ("qkv",)
+    missing = [n for n in names if not isinstance(getattr(attn, n, None), nn.Module)]
+    if missing:
+        return f"{type(attn).__name__} has no {' / '.join(missing)} projection module to score visual tokens with"
+    if not hasattr(attn, "num_heads"):
+        return f"{type(attn).__name__} does not say its number of heads (num_heads)"
+    return None
 
 
 def received_attention(
@@ -51,9 +61,8 @@ def received_attention(
     """
     seq = x.shape[0]
     heads = int(cast(Any, attn).num_heads)
-    proj = cast(nn.Linear, attn.qkv)
-    bias = proj.bias.float() if proj.bias is not None else None
-    qkv = F.linear(x.float(), proj.weight.float(), bias).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3)
+    proj = cast(nn.Module, attn.qkv)
+    qkv = proj(x).float().reshape(seq, 3, heads, -1).permute(1, 0, 2, 3)
     q, k = qkv[0], qkv[1]
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     cos, sin = position_embeddings
@@ -76,4 +85,4 @@ def received_attention(
     return out
 
 
-__all__ = ["cls_attention", "received_attention"]
+__all__ = ["cls_attention", "received_attention", "scoring_problem"]

@@ -57,7 +57,17 @@ class Plan:
 
 
 def check_prune(adapter: Any, edit: PruneVisionTokens) -> None:
-    """The model must take precomputed image features (``mm_encoder_outputs``, transformers >= 5.18)."""
+    """The model must take precomputed image features (``mm_encoder_outputs``, transformers >= 5.18) and the
+    scoring layer must be scorable through its own projection modules."""
+    from steer.adapters.scores import scoring_problem
+
+    layer = edit.layer if edit.layer is not None else adapter.info.default_score_layer
+    problem = scoring_problem(adapter.vision_attention(layer), adapter.vision_score)
+    if problem is not None:
+        raise UnsupportedModelError(
+            f"pruning scores visual tokens at vision layer {layer}, but {problem}; this vision tower is not "
+            "supported for pruning"
+        )
     base_forward = adapter.image_encoder.forward
     if "mm_encoder_outputs" not in inspect.signature(base_forward).parameters:
         import transformers
