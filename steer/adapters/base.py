@@ -43,6 +43,7 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.wrappers: list[str] = []  # known wrappers around the model (torch.compile, DDP, PeftModel), if any
 
     # ---- language model sites --------------------------------------------------------------------
     @property

@@ -15,8 +15,9 @@ from torch import nn
 from steer.adapters import FAMILIES, adapter_for
 from steer.backends.lifecycle import Steering
 from steer.backends.transformers.runtime import Runtime
+from steer.backends.transformers.wrappers import unwrap
 from steer.edits.kinds import Edit, HeadScale, LayerEdit
-from steer.errors import InvalidParameterError
+from steer.errors import InvalidParameterError, UnsupportedModelError
 
 
 class TransformersBackend:
@@ -25,7 +26,10 @@ class TransformersBackend:
     kind = "vlm"
 
     def adapter(self, target: nn.Module) -> Any:
-        return adapter_for(target)
+        inner, chain = unwrap(target)
+        adapter = adapter_for(inner) if not chain else _inner_adapter(inner, chain, target)
+        adapter.wrappers = chain
+        return adapter
 
     def families(self) -> tuple[str, ...]:
         return FAMILIES
@@ -34,7 +38,7 @@ class TransformersBackend:
         return adapter.info
 
     def active_methods(self, target: nn.Module) -> dict[str, Any]:
-        runtime = Runtime.of(target)
+        runtime = Runtime.of(unwrap(target)[0])
         return {} if runtime is None else {m: h for h in runtime.handles for m in h.methods}
 
     def check(self, adapter: Any, edits: list[Edit], methods: list[Any]) -> None:
@@ -55,7 +59,19 @@ class TransformersBackend:
     ) -> Steering:
         needing = tuple(m.name for m in methods if m.image_tokens_needed())
         whole = tuple(m.name for m in methods if m.whole_prefill)
-        return Steering(target, adapter, edits, params, state, needing, whole, runtime_class=Runtime)
+        model = adapter.model  # the model inside known wrappers
+        if adapter.wrappers:
+            state["steered"] = {"class": type(model).__name__, "inside": list(adapter.wrappers)}
+        return Steering(model, adapter, edits, params, state, needing, whole, runtime_class=Runtime)
+
+
+def _inner_adapter(inner: Any, chain: list[str], target: Any) -> Any:
+    try:
+        return adapter_for(inner)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(
+            f"{type(target).__name__} wraps {type(inner).__name__} (through {' -> '.join(chain)}): {exc}"
+        ) from None
 
 
 def check_layers(adapter: Any, edit: Edit) -> None:

@@ -28,6 +28,7 @@ from steer.backends.transformers import attention as attention_fn
 from steer.backends.transformers.images import ImageMetadata
 from steer.backends.transformers.masks import padding_from_mask
 from steer.backends.transformers.runs import run_key
+from steer.backends.transformers.wrappers import is_compiled
 from steer.edits.context import CallStore, EditContext, ForwardFacts
 from steer.edits.kinds import MAIN, Edit
 from steer.errors import ImageLayoutError, MissingImageTokensError
@@ -203,6 +204,8 @@ class Runtime(HandleRuntime):
         self._uninstall()
         if self.handles:
             self._install()
+        if is_compiled(self.model):
+            _reset_compiled_code()
 
     def _install(self) -> None:
         from steer.backends.transformers.installers import install, ordered
@@ -345,6 +348,23 @@ class Runtime(HandleRuntime):
                 f"(token id {self.adapter.image_token_id}). Put the image placeholder in the prompt (the "
                 "processor expands it), pass images to the processor, or remove the method for text-only prompts."
             )
+
+
+def _reset_compiled_code() -> None:
+    """Rebuild compiled code on the next call: Dynamo does not guard module hooks, so without this edits applied
+    after ``torch.compile`` would not act and removed ones would linger."""
+    import warnings
+
+    import torch._dynamo
+
+    warnings.warn(
+        "steer: the model runs torch.compile'd code; steer reset Dynamo's caches so that applying or removing "
+        "edits takes effect (the next call recompiles; other compiled functions in this process too). Apply steer "
+        "before compiling to avoid the recompilation.",
+        UserWarning,
+        stacklevel=4,
+    )
+    torch._dynamo.reset()
 
 
 def _register_site_hook(module: nn.Module, site: TensorSite, runtime: Runtime) -> Any:
