@@ -25,17 +25,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
 import typer
-import yaml
-from PIL import Image
-from torch import nn
-from tqdm.auto import tqdm
 
-from steer.adapters import adapter_for
-from steer.methods.vlm.var import sink_scores
+if TYPE_CHECKING:  # torch, PIL and the model code load when a command runs (the CLI starts fast)
+    import torch
+    from PIL import Image
+    from torch import nn
 
 __all__ = [
     "ChannelStats",
@@ -112,7 +109,6 @@ def _first_real(attention_mask: torch.Tensor | None, length: int) -> int:
     return int(row.float().argmax()) if bool(row.any()) else 0
 
 
-@torch.no_grad()
 def calibrate_sinks(
     model: nn.Module,
     processor: Any,
@@ -127,6 +123,28 @@ def calibrate_sinks(
     One prefill per image with the family's chat prompt; returns the chosen channels (≤ ``max_dims``),
     per-channel statistics and the per-layer fraction of visual tokens VAR would flag with them.
     """
+    import torch
+
+    with torch.no_grad():
+        return _calibrate_sinks(model, processor, images, tau, max_dims, progress, model_name)
+
+
+def _calibrate_sinks(
+    model: nn.Module,
+    processor: Any,
+    images: Sequence[Image.Image | str | Path],
+    tau: float,
+    max_dims: int,
+    progress: bool,
+    model_name: str,
+) -> SinkCalibration:
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from steer.adapters import adapter_for
+    from steer.methods.vlm.var import sink_scores
+
     adapter = adapter_for(model)
     family = ZOO_FAMILY[adapter.family]
     from steer import zoo
@@ -312,6 +330,8 @@ def write_recipe(result: SinkCalibration, path: str | Path) -> str:
     A new entry is appended as text under ``recipes:`` when that is the file's last top-level key, so the
     rest of the file (and its comments) stays as it was; otherwise the file is rewritten.
     """
+    import yaml
+
     path = Path(path)
     name, body = recipe_entry(result)
     block = yaml.safe_dump(
@@ -356,6 +376,8 @@ def _calibrate() -> None:
 
 def _load_model(path: str, device: str, dtype: str) -> tuple[nn.Module, Any]:
     """Load a saved model folder: `steer.zoo.load` (any supported family), else the Auto classes."""
+    import torch
+
     from steer import zoo
 
     if device == "auto":

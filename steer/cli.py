@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="steer: training-free attention interventions for VLMs.", no_args_is_help=True)
+app = typer.Typer(help="steer: training-free attention interventions for VLMs and Stable Diffusion.", no_args_is_help=True)
 console = Console()
 
 
@@ -36,14 +36,58 @@ _mount_evals()
 _mount_calibration()
 
 
-@app.command("methods")
-def methods_command(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """List the registered methods with their parameters."""
-    import steer
+def _version(value: bool) -> None:
+    if value:
+        from steer import __version__
 
-    info = steer.methods()
+        typer.echo(f"steer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print steer's version."),
+) -> None:
+    """steer: training-free attention interventions for VLMs and Stable Diffusion."""
+
+
+def _valid(param: dict[str, Any]) -> str:
+    if param.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in param["choices"])
+    if param.get("range"):
+        lo, hi = param["range"]
+        return f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+    return ""
+
+
+@app.command("methods")
+def methods_command(
+    name: str = typer.Argument("", help="Show one method: its parameters with defaults and ranges, its families."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the registered methods with their parameters (torch is not imported)."""
+    from steer.manifest import load
+
+    info = load()
+    if name:
+        found = [m for m in info if m["name"] == name]
+        if not found:
+            typer.echo(f"error: unknown method {name!r}; methods: {', '.join(m['name'] for m in info)}", err=True)
+            raise typer.Exit(2)
+        info = found
     if as_json:
-        typer.echo(json.dumps(info, default=str))
+        typer.echo(json.dumps(info if not name else info[0]))
+        return
+    if name:
+        m = info[0]
+        console.print(f"[bold]{m['name']}[/bold] ({m['target']}, stage {m['stage']}): {m['description']}")
+        console.print(f"families: {', '.join(m['families'])}")
+        table = Table(title=f"{m['name']} parameters")
+        for column in ("parameter", "default", "valid", "what it does"):
+            table.add_column(column)
+        for p in m["params"]:
+            table.add_row(p["name"], repr(p["default"]), _valid(p), p.get("help") or "")
+        console.print(table)
         return
     table = Table(title="steer methods")
     for column in ("method", "stage", "what it does", "parameters (default)"):
@@ -85,6 +129,9 @@ def demo(
     import steer
     from steer import zoo
 
+    if family not in zoo.FAMILIES:
+        typer.echo(f"error: unknown family {family!r}; the tiny zoo has {', '.join(zoo.FAMILIES)}", err=True)
+        raise typer.Exit(2)
     model: Any  # a *ForConditionalGeneration (load_tiny types it as PreTrainedModel, which has no generate)
     model, processor = zoo.load_tiny(family, seed=seed)
     prompt = zoo.chat_prompt(family, "Describe the image.")

@@ -42,3 +42,48 @@ def test_methods_json() -> None:
     assert result.exit_code == 0
     names = {m["name"] for m in json.loads(result.output)}
     assert {"scale_heads", "image_attention"} <= names
+
+
+def test_the_methods_manifest_is_the_live_registry() -> None:
+    """`steer methods` reads steer/methods.json (no torch); it must say what the registry says. If this fails,
+    regenerate it: python -m steer.manifest"""
+    from steer import manifest
+
+    assert json.loads(manifest.PATH.read_text()) == manifest.live()
+
+
+def test_methods_one_method_shows_ranges_and_families() -> None:
+    result = runner.invoke(app, ["methods", "var"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "families: llava-1.5, llava-next, qwen2-vl, qwen2.5-vl" in result.output
+    assert re.search(r"rho\s+│\s+0\.5\s+│\s+\[0\.0, 1\.0\]", result.output), result.output
+    assert re.search(r"impl\s+│\s+'auto'\s+│\s+one of 'auto', 'fused', 'reference'", result.output), result.output
+    result = runner.invoke(app, ["methods", "varr"])
+    assert result.exit_code == 2 and "error: unknown method 'varr'" in result.output
+
+
+def test_version_and_bad_family_are_one_line() -> None:
+    from steer import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"steer {__version__}"
+    result = runner.invoke(app, ["demo", "--family", "gpt2"])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: unknown family 'gpt2'") and "Traceback" not in result.output
+
+
+def test_help_and_methods_do_not_import_torch() -> None:
+    """The command starts fast: `steer --help` and `steer methods` import no torch, transformers or diffusers
+    (figures: benchmarks/startup.py)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom steer.cli import app\n"
+        "for args in (['--help'], ['methods'], ['methods', 'vista'], ['eval', '--help'], ['calibrate', '--help']):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
