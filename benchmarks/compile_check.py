@@ -23,13 +23,28 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from typing import Any  # noqa: E402
 
-from steer.kernels import _triton_group_kernels as kernels  # noqa: E402
+import torch  # noqa: E402
+
 from steer.kernels.triton_group import tiles  # noqa: E402
+
+# triton and the kernels load in main() (so that --help works without the `kernels` extra)
+triton: Any = None
+GPUTarget: Any = None
+ASTSource: Any = None
+kernels: Any = None
+
+
+def _load_triton() -> None:
+    global triton, GPUTarget, ASTSource, kernels
+    import triton as _triton
+    from triton.backends.compiler import GPUTarget as _target
+    from triton.compiler import ASTSource as _source
+
+    from steer.kernels import _triton_group_kernels as _kernels
+
+    triton, GPUTarget, ASTSource, kernels = _triton, _target, _source, _kernels
 
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_xd", "stride_mn", "stride_bn",
                 "stride_ln", "stride_is", "stride_hh")  # fmt: skip
@@ -127,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="all", choices=("all", "quick"))
     ap.add_argument("--stages", type=int, default=None, help="override num_stages (default: as launched)")
     args = ap.parse_args(argv)
+    _load_triton()
     print(f"# triton {triton.__version__}, target sm_{args.arch}")
     failed = 0
     for name, fn, dtype, const in configs(args.configs):
