@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,41 @@ def is_zoo_folder(path: str | Path) -> bool:
         and text.get("num_hidden_layers") == 4
         and int(text.get("vocab_size") or 10**9) < 1024
     )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_hub_id(model: str) -> None:
+    """A model that is no local folder must look like a hub id, and be in the cache when offline.
+
+    Raises:
+        EvalInputError: a path that does not exist (it says so), or an id not cached while ``HF_HUB_OFFLINE`` is
+            set (at once, instead of retrying the network).
+    """
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1)
+    if looks_like_path or not _HUB_ID.match(model):
+        raise EvalInputError(f"--model {model}: no such folder (and not a hub id such as org/name)")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise EvalInputError(
+            f"--model {model}: not a local folder, and not in the Hugging Face cache while offline (HF_HUB_OFFLINE "
+            "is set). Give the folder of a downloaded checkpoint, download it first, or unset HF_HUB_OFFLINE."
+        )
+
+
+def check_supported(config: dict[str, Any], model: str) -> None:
+    """Refuse a saved model whose class steer has no adapter for before its weights load."""
+    from steer.adapters import supported_classes
+    from steer.errors import UnsupportedModelError
+
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if architectures and not any(a in supported_classes() for a in architectures):
+        raise UnsupportedModelError(
+            f"--model {model}: a {', '.join(architectures)} checkpoint; steer has no adapter for it. Supported model "
+            f"classes: {', '.join(supported_classes())}."
+        )
 
 
 def _torch_dtype(dtype: str) -> Any:
@@ -178,7 +215,6 @@ def load_model(
             be loaded (e.g. a hub id while offline), or a model class steer has no adapter for.
     """
     from steer.adapters import adapter_for
-    from steer.errors import UnsupportedModelError
     from steer.evals import builtin
 
     torch_dtype = _torch_dtype(dtype)
@@ -192,11 +228,15 @@ def load_model(
     local = path.is_dir()
     if path.exists() and not local:
         raise EvalInputError(f"--model {model}: expected a model folder or a hub id, got a file")
+    if not local:
+        check_hub_id(model)
     name = str(path.resolve()) if local else model
     attn = attn_implementation or "sdpa"
     if local and not (path / "config.json").is_file():
         raise EvalInputError(f"--model {model}: the folder has no config.json")
     model_type = str(_read_config(path).get("model_type", "")) if local else ""
+    if local:
+        check_supported(_read_config(path), model)
 
     if local and (demo or is_zoo_folder(path)) and quantization is None:
         from steer import zoo
@@ -227,10 +267,7 @@ def load_model(
     gen = loaded.generation_config
     if gen.pad_token_id is None:
         gen.pad_token_id = processor.tokenizer.pad_token_id
-    try:
-        family = adapter_for(loaded).family
-    except UnsupportedModelError as err:
-        raise EvalInputError(str(err)) from None
+    family = adapter_for(loaded).family  # UnsupportedModelError names the supported classes
     info = {
         "dtype": str(getattr(loaded, "dtype", "")).replace("torch.", ""),
         "device": str(getattr(loaded, "device", "")),
