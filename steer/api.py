@@ -126,6 +126,14 @@ def apply(target: Any, method: MethodSpec, **params: Any) -> Any:
     backend = backend_for(target)
     adapter = backend.adapter(target)  # raises UnsupportedModelError naming the supported classes
     named, raw_edits = _split_spec(method)
+    family = getattr(adapter, "family", "")
+    for item in [method] if isinstance(method, Recipe) else (method if isinstance(method, (list, tuple)) else []):
+        if isinstance(item, Recipe) and not item.fits(family):
+            raise InvalidParameterError(
+                f"recipe {item.full_name} is written for {item.family}; this model is {family} "
+                f"({type(target).__name__}). Use a {family} recipe (see recipes/), or steer.recipe("
+                f"{item.full_name!r}, force=True) to apply these settings anyway."
+            )
     names = [n for n, _ in named]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -134,7 +142,6 @@ def apply(target: Any, method: MethodSpec, **params: Any) -> Any:
     if params and not named:
         raise InvalidParameterError("parameters were given but no method name to apply them to")
     merged = _distribute_params(named, classes, params)
-    family = getattr(adapter, "family", "")
     for name, cls in classes.items():
         if cls.target != backend.kind or (cls.families is not None and family not in cls.families):
             supported = ", ".join(cls.families or ()) or f"every {cls.target} family"

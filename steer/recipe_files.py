@@ -15,6 +15,7 @@ File format (``recipes/<family>.yaml``)::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,10 +36,15 @@ class Recipe:
     description: str = ""
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    force: bool = False  # apply it to a model of another family anyway (steer.recipe(..., force=True))
 
     @property
     def full_name(self) -> str:
         return f"{self.family}/{self.name}"
+
+    def fits(self, family: str) -> bool:
+        """Whether the recipe was written for ``family`` (``stable-diffusion`` covers the sd and sdxl pipelines)."""
+        return self.force or family == self.family or (self.family == "stable-diffusion" and family in ("sd", "sdxl"))
 
 
 def recipes_dir() -> Path:
@@ -74,10 +80,12 @@ def all_recipes() -> dict[str, Recipe]:
     return out
 
 
-def recipe(name: str) -> Recipe:
-    """The recipe ``"<family>/<name>"``, e.g. ``"llava-1.5/image-attention"``."""
+def recipe(name: str, force: bool = False) -> Recipe:
+    """The recipe ``"<family>/<name>"``, e.g. ``"llava-1.5/image-attention"``. ``steer.apply`` refuses a recipe
+    written for another family than the model's; ``force=True`` applies it anyway (settings do not transfer
+    between families as they are: layer indices, widths, sink channels differ)."""
     known = all_recipes()
     if name not in known:
         listing = ", ".join(sorted(known)) or "none installed"
         raise UnknownMethodError(f"unknown recipe {name!r}; recipes are named '<family>/<name>'. Available: {listing}")
-    return known[name]
+    return dataclasses.replace(known[name], force=True) if force else known[name]

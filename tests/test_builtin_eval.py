@@ -157,3 +157,19 @@ def test_demo_chair_shows_cooccurrence_hallucination(tmp_path: Path, monkeypatch
     assert metrics["CHAIRi"] > 0 and metrics["Recall"] >= 50.0, metrics
     records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 60 and all(r["caption"].startswith("a scene with") for r in records)
+
+
+@needs_weights
+def test_a_recipe_for_another_family_is_refused_unless_forced(tmp_path: Path) -> None:
+    """The demo model is a LLaVA-1.5: a Qwen2-VL recipe is a one-line error naming --force-recipe."""
+    args = ("pope", "--model", "builtin:demo", "--num-images", 1, "--split", "random", "--no-progress")
+    result = invoke(*args, "--recipe", "qwen2-vl/var", "--out", tmp_path / "refused")
+    assert result.exit_code != 0
+    assert "--force-recipe" in result.output and "qwen2-vl" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "refused" / "samples.jsonl").exists()
+    result = invoke(*args, "--recipe", "qwen2-vl/vista", "--force-recipe", "--out", tmp_path / "forced")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "forced" / "settings.json").read_text())
+    assert settings["settings"]["recipe"] == "qwen2-vl/vista" and settings["settings"]["force_recipe"] is True
+    assert settings["resolved"]["params"]["vista"]["lam"] == 0.17  # the recipe's settings, applied

@@ -87,3 +87,31 @@ def test_help_and_methods_do_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_diffusers_demo_user_errors_are_one_line(tmp_path: object) -> None:
+    import subprocess
+    import sys
+
+    def demo(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "steer.diffusers.demo", "--steps", "2", "--out", str(tmp_path), *args],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    for args, message in (
+        (["--tokens", "cat", "horse"], "error: astar: 'horse' is not in the prompt"),
+        (["--model", "./no/such/pipeline"], "error: --model ./no/such/pipeline: no such folder"),
+    ):
+        done = demo(*args)
+        assert done.returncode == 2, done.stderr[-1500:]
+        assert "Traceback" not in done.stderr and message in done.stderr
+    done = demo("-p", "alpha")
+    assert done.returncode == 2 and "--param expects NAME=JSON" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_load_tiny_sd_takes_the_kind_first() -> None:
+    from steer import zoo
+
+    assert type(zoo.load_tiny_sd("sdxl")).__name__ == "StableDiffusionXLPipeline"
+    assert type(zoo.load_tiny_sd()).__name__ == "StableDiffusionPipeline"

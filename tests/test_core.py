@@ -325,3 +325,16 @@ def test_static_cache_equals_dynamic_cache(family: str) -> None:
         static = generate(model, inputs, max_new_tokens=5, cache_implementation="static")
     assert torch.equal(dynamic, static)
     assert not torch.equal(dynamic, generate(model, inputs, max_new_tokens=5))
+
+
+def test_a_recipe_for_another_family_is_refused_unless_forced() -> None:
+    model, processor = zoo.load_tiny("llava")
+    inputs = batch_inputs(processor, "llava")
+    with pytest.raises(steer.InvalidParameterError, match="recipe qwen2-vl/cca is written for qwen2-vl; this model is llava-1.5"):
+        steer.apply(model, steer.recipe("qwen2-vl/cca"))
+    with pytest.raises(steer.InvalidParameterError, match="written for llava-next"):
+        steer.apply(model, ["scale_heads", steer.recipe("llava-next/image-attention")])
+    assert Runtime.of(model) is None
+    with pytest.warns(UserWarning), steer.apply(model, steer.recipe("qwen2-vl/cca", force=True)) as handle:
+        assert handle.params["cca"]["mrope"] == "ring_t"
+        logits(model, inputs)

@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from steer.errors import SteerError, SteerInputError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,7 +42,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--out", default="steer-demo")
     args = parser.parse_args(argv)
+    params: dict[str, Any] = {}
+    for item in args.param:
+        key, eq, raw = item.partition("=")
+        if not eq:
+            parser.error(f"--param expects NAME=JSON, got {item!r}")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    try:
+        run(args, params)
+    except SteerError as error:  # a user's mistake: one line, exit 2
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
+
+def load_pipeline(model: str, dtype: torch.dtype) -> Any:
+    """``DiffusionPipeline.from_pretrained`` on a folder or hub id; a model that cannot be loaded is a
+    `SteerInputError` (one line) rather than a traceback."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import HFValidationError
+
+    path = Path(model).expanduser()
+    if model.startswith((".", "/", "~")) and not path.exists():
+        raise SteerInputError(f"--model {model}: no such folder")
+    try:
+        return DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    except (OSError, HFValidationError) as error:
+        raise SteerInputError(f"cannot load --model {model}: {str(error).splitlines()[0]}") from None
+
+
+def run(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    """Write before.png, after.png (and maps.png) for ``args``; ``params``: extra method parameters."""
     if args.model == "tiny":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import steer
@@ -48,12 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.model == "tiny":
         pipe = zoo.load_tiny_sd(dtype=DTYPES[args.dtype])
     else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+        pipe = load_pipeline(args.model, DTYPES[args.dtype])
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
     if args.method == "detector_guidance":
         params.setdefault("objects", args.objects)
     else:

@@ -398,6 +398,11 @@ _PARAM = typer.Option(
 _RECIPE = typer.Option(
     None, "--recipe", help="Recipe, e.g. llava-1.5/var (or var: the model's family is used)."
 )
+_FORCE_RECIPE = typer.Option(
+    False,
+    "--force-recipe",
+    help="Apply --recipe even when it was written for another model family (its settings may not transfer).",
+)
 _IMAGES = typer.Option(
     None,
     "--images",
@@ -436,6 +441,7 @@ def eval_chair(
     method: list[str] = _METHOD,
     param: list[str] = _PARAM,
     recipe: str | None = _RECIPE,
+    force_recipe: bool = _FORCE_RECIPE,
     images: Path | None = _IMAGES,
     num_images: int = _NUM_IMAGES,
     max_new_tokens: int | None = typer.Option(
@@ -497,6 +503,7 @@ def eval_pope(
     method: list[str] = _METHOD,
     param: list[str] = _PARAM,
     recipe: str | None = _RECIPE,
+    force_recipe: bool = _FORCE_RECIPE,
     images: Path | None = _IMAGES,
     split: list[str] = typer.Option(
         [],

@@ -71,6 +71,7 @@ class RunOptions:
     method: list[str] = field(default_factory=list)
     param: list[str] = field(default_factory=list)
     recipe: str | None = None
+    force_recipe: bool = False
     images: Path | None = None
     num_images: int = 500
     max_new_tokens: int | None = None
@@ -169,6 +170,7 @@ class RunOptions:
             methods=methods,
             params=method_params(self.param, methods),
             recipe=self.recipe,
+            force_recipe=self.force_recipe,
             dtype=self.dtype,
             quantization=self.quantization,
             attn_implementation=self.attn_implementation,

@@ -42,7 +42,14 @@ def _steer(loaded: LoadedModel, settings: EvalSettings) -> tuple[Any, str | None
     recipe_name = None
     if settings.recipe:
         recipe_name = settings.recipe if "/" in settings.recipe else f"{loaded.family}/{settings.recipe}"
-        spec.append(steer.recipe(recipe_name))
+        chosen = steer.recipe(recipe_name, force=settings.force_recipe)
+        if not chosen.fits(loaded.family):
+            raise EvalInputError(
+                f"--recipe {recipe_name} is written for {chosen.family}; --model is a {loaded.family} model. "
+                f"Use a {loaded.family} recipe (steer methods lists them), or add --force-recipe to apply "
+                "these settings anyway."
+            )
+        spec.append(chosen)
     spec += list(settings.methods)
     if not spec:
         if settings.params:

@@ -64,8 +64,9 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 class EvalSettings:
     """Everything that determines a run's generations; :meth:`stable_hash` guards resuming.
 
-    Fields in ``NOT_HASHED`` (batch size, device map, the images folder) are recorded but may change between
-    invocations of one run: they decide how and where samples are produced, not which.
+    Fields in ``NOT_HASHED`` (batch size, device map, the images folder, ``--force-recipe``) are recorded but
+    may change between invocations of one run: they decide how, where or whether samples are produced, not
+    which.
     """
 
     task: str
@@ -73,6 +74,7 @@ class EvalSettings:
     methods: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     recipe: str | None = None
+    force_recipe: bool = False
     dtype: str = "auto"
     quantization: str | None = None
     attn_implementation: str | None = None
@@ -86,7 +88,7 @@ class EvalSettings:
     device_map: str | None = None
     images: str = ""
 
-    NOT_HASHED: ClassVar[tuple[str, ...]] = ("batch_size", "device_map", "images")
+    NOT_HASHED: ClassVar[tuple[str, ...]] = ("batch_size", "device_map", "images", "force_recipe")
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as JSON-ready values."""

@@ -262,8 +262,13 @@ def sd_path(seed: int = 0, kind: str = "sd", root: str | os.PathLike | None = No
     return saved_once(final, lambda tmp: save_sd(tmp, seed, kind), _is_complete)
 
 
-def load_tiny_sd(seed: int = 0, kind: str = "sd", dtype: torch.dtype = torch.float32) -> Any:
-    """``load_sd(sd_path(seed, kind))``: the tiny pipeline through the real loading path."""
+def load_tiny_sd(seed: int | str = 0, kind: str = "sd", dtype: torch.dtype = torch.float32) -> Any:
+    """``load_sd(sd_path(seed, kind))``: the tiny pipeline through the real loading path.
+
+    ``load_tiny_sd("sdxl")`` works too (a kind given first), as does ``load_tiny_sd(kind="sdxl", seed=1)``.
+    """
+    if isinstance(seed, str):
+        return load_sd(sd_path(0, seed), dtype=dtype)
     return load_sd(sd_path(seed, kind), dtype=dtype)
 
 
