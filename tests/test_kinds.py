@@ -246,4 +246,21 @@ def test_typed_refusals_at_apply() -> None:
         steer.apply(model, edits.Transform(site="layer.out", layers=[9], fn=lambda x, e: x))
     with pytest.raises(steer.InvalidParameterError, match=r"head\(s\) \[4\] do not exist; the model has 4 query heads"):
         steer.apply(model, edits.HeadScale(layers=[0], heads=[4], scale=2.0))
+    with pytest.raises(steer.InvalidParameterError, match=r"shape \[H\] or \[B, H\] with H = 4.*got \[7\]"):
+        steer.apply(model, edits.HeadScale(layers=[0], scale=torch.ones(7)))
+    hidden = model.config.text_config.hidden_size
+    with pytest.raises(steer.InvalidParameterError, match=rf"D = {hidden}.*got \[17\]"):
+        steer.apply(model, edits.ResidualAdd(layers=[0], vector=torch.zeros(17)))
+    with pytest.raises(steer.InvalidParameterError, match="no submodule 'model.nothing'.*top level: model, lm_head"):
+        steer.apply(model, edits.ModuleHook(module="model.nothing", fn=lambda *a: None))
+    with pytest.raises(steer.InvalidParameterError, match="no method 'nothing'"):
+        steer.apply(model, edits.MethodWrap(module="model", name="nothing", fn=lambda *a: None))
     assert Runtime.of(model) is None
+    # the same edits with fitting values are taken
+    fitting = [
+        edits.HeadScale(layers=[0], scale=torch.ones(2, 4)),
+        edits.ResidualAdd(layers=[0], vector=torch.zeros(hidden)),
+        edits.ModuleHook(module="model.language_model.layers.0", fn=lambda *a: None),
+        edits.MethodWrap(module="model", name="get_image_features", fn=lambda o, a, k, e: o(*a, **k)),
+    ]
+    steer.apply(model, fitting).remove()

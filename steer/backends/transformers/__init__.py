@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from steer.adapters import FAMILIES, adapter_for
 from steer.backends.lifecycle import Steering
 from steer.backends.transformers.runtime import Runtime
 from steer.backends.transformers.wrappers import unwrap
-from steer.edits.kinds import Edit, HeadScale, LayerEdit
+from steer.edits.kinds import Edit, HeadScale, LayerEdit, ResidualAdd
 from steer.errors import InvalidParameterError, UnsupportedModelError
 
 
@@ -75,7 +76,8 @@ def _inner_adapter(inner: Any, chain: list[str], target: Any) -> Any:
 
 
 def check_layers(adapter: Any, edit: Edit) -> None:
-    """Layer and head indices of a low-level edit must exist in the model (typed error at apply)."""
+    """Layer and head indices of a low-level edit must exist in the model, and a fixed head scale or
+    residual vector must fit its width (typed error at apply, not a shape error in the middle of generate)."""
     what = type(edit).__name__ if not edit.owner else f"{edit.owner} ({type(edit).__name__})"
     if isinstance(edit, LayerEdit):
         try:
@@ -90,6 +92,20 @@ def check_layers(adapter: Any, edit: Edit) -> None:
             raise InvalidParameterError(
                 f"{what}: head(s) {bad} do not exist; the model has {adapter.num_heads} query heads "
                 f"(valid: 0..{adapter.num_heads - 1})"
+            )
+    if isinstance(edit, HeadScale) and isinstance(edit.scale, torch.Tensor):
+        shape = tuple(edit.scale.shape)
+        if not shape or shape[-1] != adapter.num_heads or len(shape) > 2:
+            raise InvalidParameterError(
+                f"{what}: a scale tensor has shape [H] or [B, H] with H = {adapter.num_heads} query heads, "
+                f"got {list(shape)}"
+            )
+    if isinstance(edit, ResidualAdd) and isinstance(edit.vector, torch.Tensor):
+        shape = tuple(edit.vector.shape)
+        if not shape or shape[-1] != adapter.hidden_size or len(shape) > 2:
+            raise InvalidParameterError(
+                f"{what}: the vector has shape [D] or [B, D] with D = {adapter.hidden_size} (the language "
+                f"model's hidden size), got {list(shape)}"
             )
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from steer.backends.transformers.installers.registry import installer
 from steer.edits.kinds import MethodWrap, ModuleHook
+from steer.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     from steer.backends.transformers.runtime import Runtime
@@ -21,6 +22,23 @@ def target_of(runtime: Runtime, module: Any) -> nn.Module:
     return runtime.model.get_submodule(module)
 
 
+def check_target(adapter: Any, edit: ModuleHook | MethodWrap) -> None:
+    """The module path (and for ``MethodWrap`` the method) must exist: a typed error at apply."""
+    what = type(edit).__name__
+    if callable(edit.module):
+        return  # resolved at install, against the adapter
+    try:
+        target = adapter.model.get_submodule(edit.module)
+    except AttributeError:
+        children = ", ".join(name for name, _ in adapter.model.named_children())
+        raise InvalidParameterError(
+            f"{what}: {type(adapter.model).__name__} has no submodule {edit.module!r} (a dotted path from the "
+            f"model, as in model.named_modules(); top level: {children})"
+        ) from None
+    if isinstance(edit, MethodWrap) and not callable(getattr(target, edit.name, None)):
+        raise InvalidParameterError(f"{what}: {type(target).__name__} at {edit.module!r} has no method {edit.name!r}")
+
+
 def _allowed(runtime: Runtime, edit: ModuleHook) -> bool:
     run = runtime.run
     if run is None or run != "main":
@@ -28,7 +46,7 @@ def _allowed(runtime: Runtime, edit: ModuleHook) -> bool:
     return True
 
 
-@installer(ModuleHook)
+@installer(ModuleHook, check=check_target)
 def install_module_hook(runtime: Runtime, edit: ModuleHook) -> None:
     target = target_of(runtime, edit.module)
     if edit.pre:
@@ -49,7 +67,7 @@ def install_module_hook(runtime: Runtime, edit: ModuleHook) -> None:
         runtime.add_hook(target.register_forward_hook(post, prepend=edit.prepend))
 
 
-@installer(MethodWrap)
+@installer(MethodWrap, check=check_target)
 def install_method_wrap(runtime: Runtime, edit: MethodWrap) -> None:
     def make(original: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -62,4 +80,4 @@ def install_method_wrap(runtime: Runtime, edit: MethodWrap) -> None:
     runtime.wrap(target_of(runtime, edit.module), edit.name, make)
 
 
-__all__ = ["install_method_wrap", "install_module_hook", "target_of"]
+__all__ = ["check_target", "install_method_wrap", "install_module_hook", "target_of"]
