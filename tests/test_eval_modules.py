@@ -294,3 +294,20 @@ def test_shipped_data_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
     assert found.name == "coco_pope_random_2023-08.json.gz" and found.parent.name == "data"
     with pytest.raises(errors.EvalInputError, match="no POPE question file coco_pope_random.json"):
         pope_task_module.find_questions("random", "current", Path("/nonexistent"))
+
+
+def test_an_image_folder_without_ids_names_the_split_in_use(tmp_path: Path) -> None:
+    """The error says what the folder holds and how files must be named for the ground truth in use."""
+    from steer.errors import EvalInputError
+    from steer.evals.tasks.chair import chair_task
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"")
+    with pytest.raises(EvalInputError, match=r"holds 1 image files \(cat.jpg\).*COCO_val2014_\d{12}\.jpg"):
+        chair_task(folder)
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"7": ["dog"], "12": ["cat"]}))
+    with pytest.raises(EvalInputError, match=r"ground truth in use \(.*gt.json\).*image_7.png, image_12.png") as err:
+        chair_task(folder, gt_objects=gt)
+    assert "COCO" not in str(err.value)

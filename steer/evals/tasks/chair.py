@@ -12,7 +12,7 @@ from typing import Any
 
 from steer.errors import EvalInputError
 from steer.evals import chair
-from steer.evals.tasks.base import Sample, Task, data_candidates, list_images, md5_lines
+from steer.evals.tasks.base import IMAGE_SUFFIXES, Sample, Task, data_candidates, list_images, md5_lines
 from steer.protocols import CHAIR_PROMPT
 
 __all__ = ["ChairTask", "chair_task", "opera500_ids"]
@@ -101,6 +101,31 @@ def _first_ids(
     return sorted(available)[:num_images], "sorted"
 
 
+def _no_images_message(images_dir: Path, gt: chair.GroundTruth, shipped: bool) -> str:
+    """Say what the folder holds and how its files must be named for the ground truth in use."""
+    files = [
+        p.name
+        for p in sorted(images_dir.iterdir())
+        if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+    ]
+    held = (
+        f"it holds {len(files)} image files ({', '.join(files[:3])}{' ...' if len(files) > 3 else ''})"
+        if files
+        else "it holds no image files"
+    )
+    some = sorted(gt.objects)[:2]
+    if shipped:
+        example = ", ".join(f"COCO_val2014_{i:012d}.jpg" for i in some)
+        where = "the COCO val2014 images (the shipped ground truth is COCO 2014's)"
+    else:
+        example = ", ".join(f"image_{i}.png" for i in some)
+        where = f"images named by the ids of the ground truth in use ({gt.source})"
+    return (
+        f"--images {images_dir}: {held}, none named by an image id. CHAIR needs {where}: the id is the last "
+        f"number in the file name, e.g. {example}"
+    )
+
+
 def chair_task(
     images_dir: Path,
     *,
@@ -126,10 +151,10 @@ def chair_task(
     if lineage not in chair.LINEAGES:
         raise EvalInputError(f"unknown --lineage {lineage!r}; expected one of {', '.join(chair.LINEAGES)}")
     available = list_images(images_dir)
+    gt = chair.load_gt(gt_objects)
     ids, source = _first_ids(available, images_dir, image_ids, num_images)
     if not ids:
-        raise EvalInputError(f"{images_dir}: no images named like COCO files (COCO_val2014_000000123456.jpg)")
-    gt = chair.load_gt(gt_objects)
+        raise EvalInputError(_no_images_message(images_dir, gt, gt_objects is None))
     vocabulary = chair.load_vocabulary(synonyms) if synonyms is not None else None
     absent = [i for i in ids if i not in gt.objects]
     if absent:
