@@ -154,6 +154,6 @@ def test_demo_chair_shows_cooccurrence_hallucination(tmp_path: Path, monkeypatch
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("chair-builtin-demo-baseline-")
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
-    assert metrics["CHAIRi"] > 0 and metrics["Recall"] >= 50.0, metrics
+    assert metrics["CHAIR_i"] > 0 and metrics["Recall"] >= 50.0, metrics
     records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 60 and all(r["caption"].startswith("a scene with") for r in records)

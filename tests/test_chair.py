@@ -457,7 +457,7 @@ def test_cli_score_json_is_one_object(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.count("\n") == 1
     payload = json.loads(result.stdout)
-    assert (payload["CHAIRs"], payload["CHAIRi"], payload["Recall"], payload["Len"]) == (
+    assert (payload["CHAIR_s"], payload["CHAIR_i"], payload["Recall"], payload["Len"]) == (
         45.0,
         12.8,
         79.8,
@@ -491,7 +491,7 @@ def test_cli_coco_annotations_and_build_gt(tmp_path: Path) -> None:
         chair_app, ["score", "--captions", str(captions), "--coco-annotations", str(tmp_path), "--json"]
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["CHAIRi"] == pytest.approx(100 / 3, abs=0.05)
+    assert json.loads(result.stdout)["CHAIR_i"] == pytest.approx(100 / 3, abs=0.05)
     built = runner.invoke(
         chair_app, ["build-gt", "--coco-annotations", str(tmp_path), "--out", str(tmp_path / "gt.json.gz")]
     )

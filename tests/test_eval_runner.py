@@ -95,7 +95,7 @@ def test_chair_end_to_end(baseline: tuple[Path, Any]) -> None:
     assert [r["image_id"] for r in records] == sorted(IDS)
     assert all(isinstance(r["caption"], str) and 1 <= r["n_generated_tokens"] <= 8 for r in records)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"CHAIRs", "CHAIRi", "Recall", "Len"} <= set(metrics["metrics"])
+    assert {"CHAIR_s", "CHAIR_i", "Recall", "Len"} <= set(metrics["metrics"])
     assert metrics["samples"] == {"total": 6, "scored": 6, "errors": 0}
     assert metrics["details"]["overall"]["counts"]["captions"] == 6
     assert metrics["settings"]["max_new_tokens"] == 8 and metrics["method"] == "baseline"
@@ -104,7 +104,7 @@ def test_chair_end_to_end(baseline: tuple[Path, Any]) -> None:
     assert "## Settings" in report and "| max_new_tokens | 8 |" in report and "## Metrics" in report
     assert "## Anchors" in report and "## Hallucinated objects" in report
     assert "sample/s" in result.output  # the progress bar shows throughput
-    assert "CHAIRs" in result.output
+    assert "CHAIR_s" in result.output
 
 
 def test_rerun_of_a_finished_run_generates_nothing(
@@ -190,13 +190,16 @@ def test_method_is_applied_and_recorded(
     compare = invoke("compare", baseline[0], out)
     assert compare.exit_code == 0, compare.output
     text = compare.output
-    assert "baseline" in text and "image_attention" in text and "CHAIRs" in text and "Δ" in text
+    assert "baseline" in text and "image_attention" in text and "CHAIR_s" in text and "Δ" in text
     assert str(out.name) in text
     data = json.loads(invoke("compare", baseline[0], out, "--json").output)
     assert [r["method"] for r in data["runs"]] == ["baseline", "image_attention"]
     first, second = data["runs"]
-    assert all(d == 0 for d in first["deltas"].values())
-    assert second["deltas"]["Len"] == pytest.approx(second["metrics"]["Len"] - first["metrics"]["Len"])
+    assert first["deltas"] is None
+    delta = second["deltas"]["Len"]
+    assert delta["delta"] == pytest.approx(second["metrics"]["Len"] - first["metrics"]["Len"])
+    assert delta["approx"] is False and delta["n"] == 6  # paired over the six images of both runs
+    assert delta["spans_zero"] == (delta["interval"][0] <= 0 <= delta["interval"][1])
 
 
 def test_unknown_method_is_a_clean_error(model_dir: Path, images: Path, tmp_path: Path) -> None:
@@ -241,7 +244,7 @@ def test_report_lists_hallucinated_objects(
     metrics = json.loads((out / "metrics.json").read_text())
     counts = metrics["details"]["overall"]["counts"]
     assert counts["mentions"] == 18 and counts["hallucinated_mentions"] > 0
-    assert metrics["metrics"]["CHAIRs"] > 0
+    assert metrics["metrics"]["CHAIR_s"] > 0
     section = (out / "report.md").read_text().split("## Hallucinated objects")[1]
     assert "giraffe" in section and "**giraffe**" in section
 
@@ -287,7 +290,7 @@ def test_pope_end_to_end(model_dir: Path, images: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert scored.exit_code == 0, scored.output
     flat = json.loads(scored.stdout.strip().splitlines()[-1])
-    assert flat["f1"] == metrics["metrics"]["F1"] and flat["accuracy"] == metrics["metrics"]["Accuracy"]
+    assert flat["F1"] == metrics["metrics"]["F1"] and flat["Accuracy"] == metrics["metrics"]["Accuracy"]
     # a missing image fails early, naming it
     (tmp_path / "few").mkdir()
     missing = invoke(*args[:3], "--images", tmp_path / "few", *args[5:], "--out", tmp_path / "nope")
@@ -441,10 +444,10 @@ def test_anchors_for_llava_15_7b() -> None:
         "settings": settings.to_dict(),
         "resolved": {"template": "llava_v1"},
         "method": "baseline",
-        "metrics": {"CHAIRs": 46.0},
+        "metrics": {"CHAIR_s": 46.0},
     }
     (anchor,) = report.anchors_for(payload)
-    assert anchor["metrics"]["CHAIRs"] == 45.0 and anchor["mismatches"] == []
+    assert anchor["metrics"]["CHAIR_s"] == 45.0 and anchor["mismatches"] == []
     short = {**payload, "settings": {**payload["settings"], "max_new_tokens": 64}}
     assert "max_new_tokens 64 (anchor 512)" in report.anchors_for(short)[0]["mismatches"]
     assert report.anchors_for({**payload, "settings": {**payload["settings"], "model": "/x/tiny"}}) == []

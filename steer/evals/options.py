@@ -83,6 +83,10 @@ class RunOptions:
     attn_implementation: str | None = None
     template: str = "auto"
     num_beams: int = 1
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int = 0
     retry_errors: bool = False
     progress: bool = True
 
@@ -140,8 +144,9 @@ class RunOptions:
         """Refuse bad values before anything is loaded (call after :meth:`with_defaults`).
 
         Raises:
-            EvalInputError: a count below 1, an unknown dtype or template, both quantizations, or quantization
-                without bitsandbytes.
+            EvalInputError: a count below 1, a negative seed, a temperature <= 0, a top-p outside (0, 1],
+                --temperature/--top-p without --do-sample, an unknown dtype or template, both quantizations, or
+                quantization without bitsandbytes.
         """
         for option, value in (
             ("--batch-size", self.batch_size),
@@ -150,6 +155,19 @@ class RunOptions:
         ):
             if value is None or value < 1:
                 raise EvalInputError(f"{option} must be >= 1, got {value}")
+        if self.seed < 0:
+            raise EvalInputError(f"--seed must be >= 0, got {self.seed}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise EvalInputError(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise EvalInputError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.do_sample and (self.temperature is not None or self.top_p is not None):
+            given = [
+                o for o, v in (("--temperature", self.temperature), ("--top-p", self.top_p)) if v is not None
+            ]
+            raise EvalInputError(
+                f"{' and '.join(given)} act only when sampling: add --do-sample (greedy decoding ignores them)"
+            )
         check_choice(self.dtype, DTYPES, "--dtype")
         check_choice(self.template, TEMPLATES, "--template")
         if self.load_in_4bit or self.load_in_8bit:
@@ -176,6 +194,10 @@ class RunOptions:
             prompt=prompt,
             max_new_tokens=self.max_new_tokens,
             num_beams=self.num_beams,
+            do_sample=self.do_sample,
+            temperature=1.0 if self.temperature is None else float(self.temperature),
+            top_p=1.0 if self.top_p is None else float(self.top_p),
+            seed=self.seed,
             selection=selection,
             batch_size=self.batch_size,
             device_map=device_map if isinstance(device_map, (str, type(None))) else str(device_map),

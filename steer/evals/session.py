@@ -17,6 +17,7 @@ import steer
 from steer.errors import EvalInputError
 from steer.evals.loading import LoadedModel, load_model
 from steer.evals.prompts import build_prompt, resolve_template
+from steer.evals.provenance import environment, generation_record, model_record
 from steer.evals.settings import EvalSettings, record_resolved
 
 __all__ = ["Loader", "Session", "open_session", "session_loader"]
@@ -85,6 +86,11 @@ def open_session(settings: EvalSettings, *, device_map: Any = None) -> Session:
         "text_hidden_size": getattr(text_config, "hidden_size", None),
         "text_layers": getattr(text_config, "num_hidden_layers", None),
         **loaded.info,
+        "provenance": {
+            "environment": environment(),
+            "model": model_record(loaded.model, loaded.name, loaded.source),
+            "generation": generation_record(loaded.model, settings.generation_kwargs, settings.seed),
+        },
     }
     return Session(loaded, template, handle, resolved)
 
