@@ -135,6 +135,9 @@ def test_demo_pope_runs_with_no_other_argument(pope_run: Path) -> None:
     assert sum(k == a for k, a in zip(yes_kinds, asked)) >= 0.9 * len(yes_kinds)
     settings = json.loads((pope_run / "settings.json").read_text())
     assert settings["resolved"]["template"] == "plain" and settings["resolved"]["source"] == "builtin"
+    # "<kind> yes" answers are off-format: the report explains the off-format rate equal to the yes-ratio
+    report = (pope_run / "report.md").read_text()
+    assert report.count("equals the yes-ratio") == 3, report
 
 
 @needs_weights

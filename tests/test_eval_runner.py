@@ -451,3 +451,71 @@ def test_anchors_for_llava_15_7b() -> None:
     short = {**payload, "settings": {**payload["settings"], "max_new_tokens": 64}}
     assert "max_new_tokens 64 (anchor 512)" in report.anchors_for(short)[0]["mismatches"]
     assert report.anchors_for({**payload, "settings": {**payload["settings"], "model": "/x/tiny"}}) == []
+
+
+# -------------------------------------------------------------------- provenance, sampling, report.html
+
+
+def test_metrics_carry_full_provenance(baseline: tuple[Path, Any], model_dir: Path) -> None:
+    import hashlib
+
+    out = baseline[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    prov = metrics["provenance"]
+    assert prov["recorded"] == "at generation"
+    assert {"steer", "torch", "transformers", "diffusers"} <= {k for k, v in prov["versions"].items() if v}
+    assert prov["git"] is not None and len(prov["git"]["commit"]) == 40  # run from a checkout
+    assert (prov["device"], prov["dtype"]) == ("cpu", "float32")
+    model = prov["model"]
+    assert model["name"] == str(model_dir.resolve()) and model["path"] == str(model_dir.resolve())
+    weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert model["weights"]["files"] == {"model.safetensors": weights}
+    assert prov["seed"] == 0 and prov["method_params"] == {}
+    effective = prov["generation"]["effective"]
+    assert (
+        effective["max_new_tokens"] == 8 and effective["do_sample"] is False and effective["num_beams"] == 1
+    )
+    assert metrics["intervals"].keys() == metrics["metrics"].keys()
+    assert metrics["bootstrap"]["unit"] == "image" and metrics["bootstrap"]["n_units"] == 6
+    text = (out / "report.md").read_text()
+    assert "## Provenance" in text and model["weights"]["sha256"] in text and "95% interval" in text
+
+
+def test_sampling_is_seeded_and_part_of_the_run(model_dir: Path, images: Path, tmp_path: Path) -> None:
+    sample = ["--do-sample", "--temperature", "1.5", "--top-p", "0.95"]
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        result = invoke(*chair_args(model_dir, images, tmp_path / name, *sample, "--seed", seed))
+        assert result.exit_code == 0, result.output
+        runs[name] = (tmp_path / name / "samples.jsonl").read_text()
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
+    saved = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert (saved["settings"]["seed"], saved["settings"]["temperature"], saved["settings"]["top_p"]) == (
+        3,
+        1.5,
+        0.95,
+    )
+    effective = json.loads((tmp_path / "a" / "metrics.json").read_text())["provenance"]["generation"][
+        "effective"
+    ]
+    assert effective["do_sample"] is True and effective["temperature"] == 1.5 and effective["top_p"] == 0.95
+    again = invoke(*chair_args(model_dir, images, tmp_path / "a", *sample, "--seed", 4))
+    assert again.exit_code == 2 and "seed: 3 -> 4" in again.output
+    greedy_with_temperature = invoke(*chair_args(model_dir, images, tmp_path / "d", "--temperature", "0.5"))
+    assert greedy_with_temperature.exit_code == 2 and "add --do-sample" in greedy_with_temperature.output
+
+
+def test_report_html_gallery_highlights_hallucinations(
+    model_dir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake(loaded: Any, prompts: list[str], imgs: list[Any], generation: Any) -> list[tuple[str, int]]:
+        return [("A giraffe stands next to a man.", 8) for _ in prompts]
+
+    monkeypatch.setattr(generation, "generate_batch", fake)
+    out = tmp_path / "run"
+    assert invoke(*chair_args(model_dir, images, out)).exit_code == 0
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and page.count('<div class="card">') == 6
+    assert page.count("data:image/jpeg;base64,") == 6  # every image embedded
+    assert '<mark class="h">giraffe</mark>' in page and "data:image/png;base64," in page  # and the chart
+    assert "Provenance" in page and "95% bootstrap interval" in page

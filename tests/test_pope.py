@@ -385,7 +385,9 @@ def test_cli_json_is_one_object(tmp_path: Path, august: pope.QuestionSet) -> Non
     assert result.stdout.count("\n") == 1
     payload = json.loads(result.stdout)
     intervals = {k: payload.pop(k) for k in list(payload) if k.endswith("_ci95")}
-    assert set(intervals) == {f"{m}_ci95" for m in ("Accuracy", "Precision", "Recall", "F1", "Yes-ratio", "Off-format")}
+    assert set(intervals) == {
+        f"{m}_ci95" for m in ("Accuracy", "Precision", "Recall", "F1", "Yes-ratio", "Off-format")
+    }
     assert intervals["F1_ci95"][0] < 87.18 < intervals["F1_ci95"][1]
     assert payload == {
         "Accuracy": 88.04,
@@ -469,3 +471,14 @@ def test_cli_bad_input_exits_2(tmp_path: Path, answers: str | None, extra: list[
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_empty_answers_are_an_error_not_a_perfect_score(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_text("")
+    result = CliRunner().invoke(
+        pope_app, ["score", "--answers", str(path), "--questions", str(CURRENT), "--allow-missing"]
+    )
+    assert result.exit_code == 2 and "no answers" in result.stderr and result.stderr.count("\n") == 1
+    with pytest.raises(EvalInputError, match="no answers to score"):
+        pope.score_answers([], pope.load_questions(CURRENT), allow_missing=True)

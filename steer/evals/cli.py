@@ -9,6 +9,7 @@ alongside). Per-item records go to ``--out`` or next to the input (``<stem>.chai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from steer.errors import EvalInputError, SteerError
-from steer.evals import bootstrap, chair, compare, html_report, journal, pope, report
+from steer.evals import bootstrap, chair, compare, formats, html_report, journal, pope, report
 from steer.evals.metrics import POPE_METRICS, POPE_SCORER_KEYS, chair_metrics, direction, pope_metrics
 from steer.evals.options import Bench, RunOptions, check_choice, default_out
 from steer.evals.run import run_eval
@@ -430,11 +431,19 @@ BuildTask = Callable[[RunOptions, Bench | None], Task]
 giving the built-in split, see `RunOptions.with_defaults`)."""
 
 
-def _run_eval(task_name: str, options: RunOptions, build: BuildTask, prompt: str) -> None:
+def _run_eval(
+    task_name: str,
+    options: RunOptions,
+    build: BuildTask,
+    prompt: str,
+    prepare: Callable[[RunOptions], RunOptions] | None = None,
+) -> None:
     """Shared body of ``steer eval chair`` and ``steer eval pope``: ``prompt`` is the user text (template)
-    recorded in the settings."""
+    recorded in the settings; ``prepare`` adjusts the options first (inside the error handling)."""
     out = options.out
     with _eval_errors(out):
+        if prepare is not None:
+            options = prepare(options)
         options, bench = options.with_defaults(task_name)
         options.check()
         task = build(options, bench)
@@ -502,7 +511,8 @@ _RECIPE = typer.Option(
 _IMAGES = typer.Option(
     None,
     "--images",
-    help="Folder with the COCO val2014 images (COCO_val2014_*.jpg); default with builtin:demo: the built-in split.",
+    help="Folder with the COCO val2014 images (COCO_val2014_*.jpg), or a Hugging Face dataset with an image "
+    "column (save_to_disk folder or .parquet); default with builtin:demo: the built-in split.",
 )
 _NUM_IMAGES = typer.Option(500, "--num-images", help="Number of images to evaluate.")
 _BATCH = typer.Option(
@@ -576,7 +586,10 @@ def eval_chair(
         CHAIR_PROMPT, "--prompt", help="The user text (spec: CHAIR's standard prompt)."
     ),
     gt_objects: Path | None = typer.Option(
-        None, "--gt-objects", help="Ground-truth map (default: shipped COCO map; builtin:demo: its split's)."
+        None,
+        "--gt-objects",
+        help="Ground truth: a map {image_id: [objects]} or a COCO instances JSON (default: shipped COCO map; "
+        "builtin:demo: its split's).",
     ),
     synonyms: Path | None = typer.Option(
         None,
@@ -637,7 +650,13 @@ def eval_pope(
     seed: int = _SEED,
     retry_errors: bool = _RETRY,
     progress: bool = _PROGRESS,
-    questions: Path | None = typer.Option(None, "--questions", help="POPE question file (one --split)."),
+    questions: Path | None = typer.Option(
+        None,
+        "--questions",
+        help="POPE question file (one --split), or a Hugging Face dataset of questions (question, answer, image "
+        "or its file name, optional category column as lmms-lab/POPE; save_to_disk folder or .parquet): its "
+        "images are used when --images is not given.",
+    ),
     questions_dir: Path | None = typer.Option(
         None,
         "--questions-dir",
@@ -652,16 +671,25 @@ def eval_pope(
     """Ask POPE yes/no questions and score accuracy / precision / recall / F1 / yes-ratio; resumable."""
     options = RunOptions.from_values(locals())
 
+    def prepare(options: RunOptions) -> RunOptions:
+        if options.images is None and formats.has_image_column(questions):
+            return dataclasses.replace(options, images=questions)  # the questions' own images
+        return options
+
     def build(options: RunOptions, bench: Bench | None) -> Task:
         splits = _expand_splits(split or (["all"] if bench is not None else ["random"]))
         question_files = None
+        question_file = questions
         if bench is not None and questions is None and questions_dir is None:  # the built-in split's own
             question_files = {s: bench().pope_questions(s) for s in pope.SPLITS}
+        elif formats.is_dataset(questions):
+            assert questions is not None
+            question_files, question_file = formats.pope_question_files(questions, splits), None
         return pope_task(
             options.images_dir,
             splits=splits,
             question_files=question_files,
-            questions=questions,
+            questions=question_file,
             questions_dir=questions_dir,
             version=pope_version,
             num_images=options.num_images,
@@ -669,7 +697,7 @@ def eval_pope(
             parser=parser,
         )
 
-    _run_eval("pope", options, build, POPE_PROMPTS.get(prompt, prompt))
+    _run_eval("pope", options, build, POPE_PROMPTS.get(prompt, prompt), prepare)
 
 
 @eval_app.command("compare")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import EvalInputError
-from steer.evals import builtin
+from steer.evals import builtin, formats
 from steer.evals.loading import DTYPES, quantization_config, resolve_model_name
 from steer.evals.prompts import TEMPLATES
 from steer.evals.settings import EvalSettings
@@ -116,7 +116,8 @@ class RunOptions:
         """The options with what was left unset filled in, and the built-in benchmark (``None`` unless
         ``--model builtin:demo``).
 
-        With ``builtin:demo`` the defaults come from the built-in benchmark (its images, batch 16, short
+        ``--images`` naming a Hugging Face dataset (`steer.evals.formats`) is replaced by the folder of its
+        images (written once into the zoo cache). With ``builtin:demo`` the defaults come from the built-in benchmark (its images, batch 16, short
         generations, the ``plain`` template the demo model was trained on). The split is written to the zoo
         cache on the first call of the returned function only, so a run whose own files replace all of the
         split's never writes it.
@@ -136,6 +137,8 @@ class RunOptions:
                     f"steer eval {task_name} --model {builtin.BUILTIN_DEMO}"
                 )
             filled["images"] = bench().images
+        elif formats.is_dataset(self.images):
+            filled["images"] = formats.extract_images(self.images, progress=self.progress)
         if bench is not None and self.template == "auto":
             filled["template"] = "plain"
         return dataclasses.replace(self, **filled), bench

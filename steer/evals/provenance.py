@@ -6,7 +6,7 @@ run loads its model (``settings.json``, ``resolved.provenance``); :func:`provena
 ``provenance`` block of ``metrics.json`` and ``report.md`` from them and the run's settings.
 
 Weights hashes: a file in the Hugging Face cache is a link to a blob named by its sha256 (free); any other
-weight file is read once and its sha256 kept in ``<zoo cache>/../weights-sha256.json`` keyed by path, size and
+weight file is read once and its sha256 kept in ``<zoo cache>/weights-sha256.json`` keyed by path, size and
 modification time, so a resumed or repeated run does not read the weights again. The model's hash is the
 sha256 of the sorted ``name sha256`` lines of its weight files.
 """
@@ -107,7 +107,7 @@ def environment() -> dict[str, Any]:
 def _hash_cache_path() -> Path:
     from steer.zoo.tiny import cache_root
 
-    return cache_root().parent / "weights-sha256.json"
+    return cache_root() / "weights-sha256.json"
 
 
 def file_sha256(path: Path, *, progress: bool = False) -> tuple[str, str]:
