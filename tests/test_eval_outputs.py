@@ -360,3 +360,93 @@ def test_environment_names_versions_and_the_checkout() -> None:
     git = env["git"]
     assert git is not None and len(git["commit"]) == 40  # the tests run from a checkout
     assert provenance.git_state(Path("/")) is None
+
+
+def test_pipeline_demo_writes_a_before_after_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from steer.diffusers import demo
+
+    demo.main(["--steps", "2", "--out", str(tmp_path)])
+    assert "grid.png" in capsys.readouterr().out
+    with Image.open(tmp_path / "grid.png") as grid, Image.open(tmp_path / "before.png") as before:
+        assert grid.width >= 160 and grid.height >= 2 * max(before.height, 160)  # before row above after row
+
+
+# --------------------------------------------------------------------------------------------------
+# steer show (item 17): a picture of each method's Steering.state
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from steer import zoo
+
+    return zoo.save("llava", tmp_path_factory.mktemp("show") / "model")
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("fastervlm", []),
+        ("vhr", []),
+        ("cca", []),
+        ("vista", []),
+        ("var", ["-p", "sink_dims=[0, 1, 2]", "-p", "tau=0.5"]),
+    ],
+)
+def test_show_draws_each_methods_state(
+    tiny_llava: Path, tmp_path: Path, method: str, params: list[str]
+) -> None:
+    from steer import zoo
+
+    image = tmp_path / "in.png"
+    zoo.sample_image(0, (64, 64)).save(image)
+    out = tmp_path / f"{method}.png"
+    result = CliRunner().invoke(
+        app,
+        ["show", "--model", str(tiny_llava), "--image", str(image), "--method", method, *params,
+         "--max-new-tokens", "3", "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"with {method}:" in result.stdout
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.width >= 320 and picture.height >= 300
+
+
+def test_show_as_a_python_call_and_its_errors(tiny_llava: Path, tmp_path: Path) -> None:
+    from steer import zoo
+    from steer.evals.loading import load_model
+    from steer.evals.show import draw, show
+
+    loaded = load_model(str(tiny_llava))
+    shown = show(
+        loaded, zoo.sample_image(1, (64, 64)), "fastervlm", params={"reduction": 0.5}, max_new_tokens=2
+    )
+    assert shown.state["samples"][0][0]["T"] == 8 and shown.path is None  # 16 tokens, half kept
+    assert set(shown.answers) == {"without", "with"} and shown.picture.width >= 320
+    # the same picture from a state the caller already has, without running anything
+    again = draw("fastervlm", shown.state, zoo.sample_image(1, (64, 64)))
+    assert again.height >= 300
+    with pytest.raises(errors.EvalInputError, match="image_attention keeps no state to draw"):
+        draw("image_attention", {}, zoo.sample_image(1))
+    runner = CliRunner()
+    missing = runner.invoke(
+        app, ["show", "--model", str(tiny_llava), "--image", str(tmp_path / "x.png"), "--method", "vhr"]
+    )
+    assert missing.exit_code == 2 and missing.output.count("\n") == 1 and "file not found" in missing.output
+    (tmp_path / "in.png").write_bytes(b"")
+    zoo.sample_image(0).save(tmp_path / "in.png")
+    bad = runner.invoke(
+        app,
+        [
+            "show",
+            "--model",
+            str(tiny_llava),
+            "--image",
+            str(tmp_path / "in.png"),
+            "--method",
+            "vhr",
+            "-p",
+            "alpha=-1",
+        ],
+    )
+    assert bad.exit_code == 2 and "alpha" in bad.output and "Traceback" not in bad.output

@@ -672,7 +672,7 @@ def eval_pope(
     options = RunOptions.from_values(locals())
 
     def prepare(options: RunOptions) -> RunOptions:
-        if options.images is None and formats.has_image_column(questions):
+        if options.images is None and questions is not None and formats.has_image_column(questions):
             return dataclasses.replace(options, images=questions)  # the questions' own images
         return options
 
@@ -731,3 +731,42 @@ def eval_compare(
     sys.stdout.flush()
     if plot is not None:
         typer.echo(f"chart: {drawn}", err=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# steer show: one picture of what a method did (steer.evals.show), mounted on the top-level app
+# --------------------------------------------------------------------------------------------------
+
+
+def show_command(
+    model: str = typer.Option(..., "--model", help="Model folder, hub id or builtin:demo."),
+    image: Path = typer.Option(..., "--image", help="The input image."),
+    method: str = typer.Option(..., "--method", "-m", help="fastervlm, vhr, cca, vista or var."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Method parameter NAME=VALUE (JSON value)."),
+    prompt: str | None = typer.Option(None, "--prompt", help="User text (default: the CHAIR prompt)."),
+    out: Path | None = typer.Option(None, "--out", help="PNG to write (default: show-<method>.png)."),
+    max_new_tokens: int = typer.Option(
+        16, "--max-new-tokens", help="Tokens generated without and with the method."
+    ),
+) -> None:
+    """One picture of what a method did on one image, drawn from its Steering.state: kept tokens (fastervlm),
+    chosen heads (vhr), concentric positions (cca), steering-vector norms (vista), visual sinks (var)."""
+    from steer.evals.options import method_params
+    from steer.evals.show import show
+
+    target = out or Path(f"show-{method}.png")
+    with _eval_errors():
+        if max_new_tokens < 1:
+            raise EvalInputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        shown = show(
+            model,
+            image,
+            method,
+            params=method_params(param, [method]).get(method, method_params(param, [])),
+            prompt=prompt,
+            out=target,
+            max_new_tokens=max_new_tokens,
+        )
+    typer.echo(f"without {method}: {shown.answers['without']!r}")
+    typer.echo(f"with {method}:    {shown.answers['with']!r}")
+    typer.echo(f"picture: {shown.path} ({shown.picture.width}x{shown.picture.height})", err=True)

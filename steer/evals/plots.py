@@ -30,6 +30,7 @@ __all__ = [
     "overlay_grid",
     "panels",
     "save",
+    "stack",
 ]
 
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -71,6 +72,13 @@ def _plain(text: str) -> str:
     for symbol, words in _ASCII.items():
         text = text.replace(symbol, words)
     return text
+
+
+def _wrap(text: str, width_px: int) -> str:
+    """``text`` wrapped to about ``width_px`` pixels of a 9-point title."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, max(width_px // 8, 20))) or text
 
 
 def _text_width(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
@@ -140,7 +148,7 @@ def bar_chart(
         ax.set_xticklabels(
             [label[:14] for label in labels], rotation=20 if len(values) > 3 else 0, fontsize=8
         )
-        ax.set_title(title, fontsize=10)
+        ax.set_title(_wrap(title, size[0]), fontsize=9)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(axis="y", labelsize=8)
         fig.tight_layout()
@@ -217,7 +225,7 @@ def heatmap(
         ax.set_yticklabels(row_labels, fontsize=7)
         ax.set_xticks(range(cols))
         ax.set_xticklabels(col_labels, fontsize=7)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(_wrap(title, size[0]), fontsize=9)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         return _from_figure(fig)
@@ -311,6 +319,19 @@ def panels(
     return canvas
 
 
+def stack(images: Sequence[Image.Image], *, pad: int = 4) -> Image.Image:
+    """``images`` one under the other, each at its own height, left aligned."""
+    if not images:
+        raise ValueError("stack needs at least one image")
+    width = max(im.width for im in images)
+    canvas = Image.new("RGB", (width, sum(im.height for im in images) + pad * (len(images) - 1)), "white")
+    y = 0
+    for im in images:
+        canvas.paste(im, (0, y))
+        y += im.height + pad
+    return canvas
+
+
 def grid(images: Sequence[Image.Image], *, columns: int, title: str = "") -> Image.Image:
     """``images`` in rows of ``columns``."""
     return panels(images, title, columns=columns)
@@ -322,8 +343,11 @@ def before_after_grid(
     """One picture per prompt: the stock pipeline's images (top row) above the steered ones (bottom row)."""
     if not before or len(before) != len(after):
         raise ValueError("before_after_grid needs as many steered images as stock images (at least one)")
-    side = min(max(im.width for im in before), 384)
-    scale = [im.resize((side, round(side * im.height / im.width))) for im in [*before, *after]]
+    side = min(max(max(im.width for im in before), 160), 384)  # small images shown larger, pixel for pixel
+    scale = [
+        im.convert("RGB").resize((side, round(side * im.height / im.width)), Image.Resampling.NEAREST)
+        for im in [*before, *after]
+    ]
     labelled = []
     for i, im in enumerate(scale):
         canvas = Image.new("RGB", (im.width, im.height + 18), "white")
