@@ -519,3 +519,29 @@ def test_report_html_gallery_highlights_hallucinations(
     assert page.count("data:image/jpeg;base64,") == 6  # every image embedded
     assert '<mark class="h">giraffe</mark>' in page and "data:image/png;base64," in page  # and the chart
     assert "Provenance" in page and "95% bootstrap interval" in page
+
+
+def test_torchrun_shards_a_run_over_two_cpu_processes(
+    baseline: tuple[Path, Any], model_dir: Path, images: Path, tmp_path: Path
+) -> None:
+    """The README's CPU launcher: `torchrun --nproc_per_node 2 -m steer.cli eval ...` (gloo) starts two
+    processes that share the samples; process 0 merges them into the single-process result."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="200")
+    out = tmp_path / "torchrun"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "steer.cli", "eval", *map(str, chair_args(model_dir, images, out)), "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "on process 0 of 2" in done.stderr
+    assert sorted(p.name for p in out.glob("samples*.jsonl")) == ["samples.jsonl"]
+    assert (out / "samples.jsonl").read_text() == (baseline[0] / "samples.jsonl").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metrics"] == json.loads((baseline[0] / "metrics.json").read_text())["metrics"]

@@ -1,6 +1,6 @@
 """CHAIR: caption hallucination scoring (Rohrbach et al., EMNLP 2018), original lineage by default.
 
-A caption is turned into COCO object *mentions* by (spec ``shared/specs/chair.md``):
+A caption is turned into COCO object *mentions* by (``docs/chair.md``):
 
 1. lower-casing; 2. sentence splitting on ``(?<=[.!?])\\s+``; 3. NLTK's Treebank word tokenizer per sentence;
 4. pattern-3.6-style rule-based singularisation of every token; 5. a greedy, non-overlapping two-word merge;

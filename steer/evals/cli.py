@@ -601,7 +601,8 @@ def eval_chair(
         False, help="Cut captions not ending in .!? after their last '.'."
     ),
 ) -> None:
-    """Caption COCO images and score CHAIR_s / CHAIR_i / Recall / Len; resumable (same command, same --out)."""
+    """Caption COCO images and score CHAIR_s / CHAIR_i / Recall / Len / Precision / F1 with 95% intervals;
+    resumable (same command, same --out). Protocol and rules: docs/chair.md."""
     options = RunOptions.from_values(locals())
 
     def build(options: RunOptions, bench: Bench | None) -> Task:
@@ -665,10 +666,11 @@ def eval_pope(
     pope_version: str = typer.Option(
         "2023-08", "--pope-version", help="2023-08 (LLaVA-1.5 anchors) or current."
     ),
-    prompt: str = typer.Option("llava", "--prompt", help="llava, vcd or raw (specs/pope.md)."),
+    prompt: str = typer.Option("llava", "--prompt", help="llava, vcd or raw (docs/pope.md)."),
     parser: str = typer.Option("official", "--parser", help="official, opera or strict."),
 ) -> None:
-    """Ask POPE yes/no questions and score accuracy / precision / recall / F1 / yes-ratio; resumable."""
+    """Ask POPE yes/no questions and score Accuracy / Precision / Recall / F1 / Yes-ratio / Off-format with 95%
+    intervals; resumable. Protocol and rules: docs/pope.md."""
     options = RunOptions.from_values(locals())
 
     def prepare(options: RunOptions) -> RunOptions:

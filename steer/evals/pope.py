@@ -1,4 +1,4 @@
-"""POPE: yes/no object-probing hallucination scoring (Li et al., EMNLP 2023), spec ``shared/specs/pope.md``.
+"""POPE: yes/no object-probing hallucination scoring (Li et al., EMNLP 2023); rules and anchors: ``docs/pope.md``.
 
 Answers are joined to questions on ``question_id`` only (never by line order). Positive class = yes:
 TP = label yes & predicted yes, FP = label no & predicted yes, TN = label no & predicted no,
