@@ -101,7 +101,8 @@ def test_pope_questions_and_images_from_one_dataset(model_dir: Path, tmp_path: P
     assert metrics["metrics"]["Off-format (random)"] == metrics["metrics"]["Yes-ratio (random)"] == 50.0
     text = (out / "report.md").read_text()
     assert "Off-format (random) 50.0 equals the yes-ratio" in text and "'person yes'" in text
-    assert "equals the yes-ratio" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "equals the yes-ratio" in page and page.count("data:image/jpeg;base64,") == 3  # one card per image
     missing = invoke("pope", "--model", model_dir, "--questions", tmp_path / "pope.parquet", "--split", "popular",
                      "--out", tmp_path / "r2")  # fmt: skip
     assert missing.exit_code == 2 and "no questions for split 'popular'" in missing.output

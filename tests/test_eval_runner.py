@@ -545,3 +545,23 @@ def test_torchrun_shards_a_run_over_two_cpu_processes(
     assert (out / "samples.jsonl").read_text() == (baseline[0] / "samples.jsonl").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metrics"] == json.loads((baseline[0] / "metrics.json").read_text())["metrics"]
+
+
+def test_ground_truth_and_synonyms_of_other_benchmarks_fail_before_generating(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from steer.evals import builtin
+
+    split = builtin.materialize(tmp_path / "split", n_images=3)
+    done = count_generations(monkeypatch, fake=True)
+    coco = tmp_path / "coco_synonyms.txt"
+    coco.write_text("dog, puppy\ncat\n")
+    args = ["chair", "--model", model_dir, "--images", split.images, "--gt-objects", split.gt_objects]
+    wrong = invoke(*args, "--synonyms", coco, "--out", tmp_path / "wrong")
+    assert wrong.exit_code == 2 and "not in the synonym table" in wrong.output and done == []
+    # the split's ground truth brings its own table
+    right = invoke(*args, "--out", tmp_path / "right", "--no-progress")
+    assert right.exit_code == 0, right.output
+    assert len(done) == 3
+    config = json.loads((tmp_path / "right" / "metrics.json").read_text())["details"]["config"]
+    assert config["synonyms_source"] == str(split.synonyms.resolve())

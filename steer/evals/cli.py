@@ -614,7 +614,9 @@ def eval_chair(
             prompt=prompt,
             lineage=lineage,
             truncate_incomplete=truncate_incomplete,
-            synonyms=synonyms or (bench().synonyms if bench is not None else None),
+            synonyms=synonyms
+            or (_builtin_synonyms(gt_objects) if gt_objects is not None and gt_objects.is_file() else None)
+            or (bench().synonyms if bench is not None else None),
         )
 
     _run_eval("chair", options, build, prompt)

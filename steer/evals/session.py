@@ -53,11 +53,13 @@ def _steer(loaded: LoadedModel, settings: EvalSettings) -> tuple[Any, str | None
     return handle, recipe_name, json.loads(json.dumps(handle.params, default=str))
 
 
-def open_session(settings: EvalSettings, *, device_map: Any = None) -> Session:
+def open_session(settings: EvalSettings, *, device_map: Any = None, record: bool = True) -> Session:
     """Load ``settings.model``, apply its recipe and methods, resolve the prompt template.
 
     ``device_map`` is the one to load with (under ``accelerate launch``: this process's device); the rest comes
-    from ``settings`` (dtype, quantization, attention backend).
+    from ``settings`` (dtype, quantization, attention backend). ``record``: also collect the provenance
+    (versions, the model's files and weights hash: `steer.evals.provenance`), which only the process that
+    writes ``settings.json`` needs.
     """
     loaded = load_model(
         settings.model,
@@ -86,12 +88,13 @@ def open_session(settings: EvalSettings, *, device_map: Any = None) -> Session:
         "text_hidden_size": getattr(text_config, "hidden_size", None),
         "text_layers": getattr(text_config, "num_hidden_layers", None),
         **loaded.info,
-        "provenance": {
+    }
+    if record:
+        resolved["provenance"] = {
             "environment": environment(),
             "model": model_record(loaded.model, loaded.name, loaded.source),
             "generation": generation_record(loaded.model, settings.generation_kwargs, settings.seed),
-        },
-    }
+        }
     return Session(loaded, template, handle, resolved)
 
 
@@ -103,7 +106,7 @@ def session_loader(
     sessions: list[Session] = []  # keeps the handle referenced
 
     def load() -> tuple[LoadedModel, str]:
-        session = open_session(settings, device_map=device_map)
+        session = open_session(settings, device_map=device_map, record=write)
         sessions.append(session)
         if write:
             record_resolved(run_dir, session.resolved)

@@ -190,7 +190,7 @@ def check_settings(run_dir: Path, settings: EvalSettings, *, write: bool = True)
     if existing["hash"] != digest and not journal.has_records(run_dir):
         # nothing was generated under the old settings (e.g. the model failed to load): start afresh
         if write:
-            for stale in ("metrics.json", "report.md"):
+            for stale in ("metrics.json", "report.md", "report.html", "per_image.json"):
                 (run_dir / stale).unlink(missing_ok=True)
             _write_settings(run_dir, settings)
         return False

@@ -111,7 +111,8 @@ def chair_task(
 ) -> ChairTask:
     """Select the CHAIR images and build the task.
 
-    ``synonyms`` is a CHAIR synonym table other than the shipped COCO one (e.g. the built-in benchmark's).
+    ``synonyms`` is a CHAIR synonym table other than the shipped COCO one (e.g. the built-in benchmark's); a
+    ground truth whose objects are not in the table is refused here, before anything is generated.
 
     Selection: the ids of ``image_ids`` (one per line) when given; else the OPERA-500 list when every one of its
     images is in ``images_dir``; else the image files sorted by id. The first ``num_images`` are kept. Image ids
@@ -135,6 +136,7 @@ def chair_task(
             + ", ".join(map(str, absent[:5]))
             + (" ..." if len(absent) > 5 else "")
         )
+    chair.check_vocabulary({i: gt.objects[i] for i in ids}, vocabulary or chair.load_vocabulary(), gt.source)
     samples = [
         Sample(
             key=str(i),
