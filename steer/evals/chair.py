@@ -28,6 +28,7 @@ import hashlib
 import importlib.resources
 import json
 import re
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -600,7 +601,16 @@ def _gt_from_coco_data(
             for image in data.get("images", []):
                 slot(int(image["id"]))
             if _is_captions(data):
-                for ann in data["annotations"]:
+                from tqdm.auto import tqdm
+
+                annotations = data["annotations"]
+                for ann in tqdm(
+                    annotations,
+                    desc=f"CHAIR ground truth from {path.name}",
+                    unit="caption",
+                    disable=len(annotations) < 20000,
+                    file=sys.stderr,
+                ):
                     target = slot(int(ann["image_id"]))
                     if target is not None:
                         target.update(caption_mentions(str(ann["caption"]), vocab).nodes)
