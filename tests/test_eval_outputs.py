@@ -388,7 +388,7 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         ("fastervlm", []),
         ("vhr", []),
-        ("cca", []),
+        ("cca", ["-p", "trained_checkpoint=true"]),
         ("vista", []),
         ("var", ["-p", "sink_dims=[0, 1, 2]", "-p", "tau=0.5"]),
     ],
