@@ -47,8 +47,8 @@ def row(method: str, chair: dict[str, Any] | None, pope: dict[str, Any] | None, 
         return f"| `{method}` | " + " | ".join(["n/a"] * 9) + f" | {seconds:.0f} |"
     cells = [
         f"`{method}`" if method != "greedy" else "greedy (no method)",
-        chair["CHAIRs"],
-        chair["CHAIRi"],
+        chair["CHAIR_s"],
+        chair["CHAIR_i"],
         chair["Recall"],
         chair["Len"],
         pope["F1 (random)"],

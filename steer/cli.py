@@ -16,9 +16,10 @@ console = Console()
 
 def _mount_evals() -> None:
     try:
-        from steer.evals.cli import chair_app, eval_app, pope_app
+        from steer.evals.cli import chair_app, eval_app, pope_app, show_command
     except ImportError:  # pragma: no cover - evals scoring not installed in this build
         return
+    app.command("show")(show_command)
     app.add_typer(chair_app, name="chair", help="CHAIR caption hallucination scoring.")
     app.add_typer(pope_app, name="pope", help="POPE yes/no hallucination scoring.")
     app.add_typer(eval_app, name="eval", help="Generate + score CHAIR/POPE in one resumable run; compare runs.")

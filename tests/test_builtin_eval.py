@@ -135,6 +135,9 @@ def test_demo_pope_runs_with_no_other_argument(pope_run: Path) -> None:
     assert sum(k == a for k, a in zip(yes_kinds, asked)) >= 0.9 * len(yes_kinds)
     settings = json.loads((pope_run / "settings.json").read_text())
     assert settings["resolved"]["template"] == "plain" and settings["resolved"]["source"] == "builtin"
+    # "<kind> yes" answers are off-format: the report explains the off-format rate equal to the yes-ratio
+    report = (pope_run / "report.md").read_text()
+    assert report.count("equals the yes-ratio") == 3, report
 
 
 @needs_weights
@@ -154,7 +157,7 @@ def test_demo_chair_shows_cooccurrence_hallucination(tmp_path: Path, monkeypatch
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("chair-builtin-demo-baseline-")
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
-    assert metrics["CHAIRi"] > 0 and metrics["Recall"] >= 50.0, metrics
+    assert metrics["CHAIR_i"] > 0 and metrics["Recall"] >= 50.0, metrics
     records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 60 and all(r["caption"].startswith("a scene with") for r in records)
 

@@ -457,7 +457,7 @@ def test_cli_score_json_is_one_object(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.count("\n") == 1
     payload = json.loads(result.stdout)
-    assert (payload["CHAIRs"], payload["CHAIRi"], payload["Recall"], payload["Len"]) == (
+    assert (payload["CHAIR_s"], payload["CHAIR_i"], payload["Recall"], payload["Len"]) == (
         45.0,
         12.8,
         79.8,
@@ -491,7 +491,7 @@ def test_cli_coco_annotations_and_build_gt(tmp_path: Path) -> None:
         chair_app, ["score", "--captions", str(captions), "--coco-annotations", str(tmp_path), "--json"]
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["CHAIRi"] == pytest.approx(100 / 3, abs=0.05)
+    assert json.loads(result.stdout)["CHAIR_i"] == pytest.approx(100 / 3, abs=0.05)
     built = runner.invoke(
         chair_app, ["build-gt", "--coco-annotations", str(tmp_path), "--out", str(tmp_path / "gt.json.gz")]
     )
@@ -528,3 +528,116 @@ def test_cli_bad_input_exits_2(tmp_path: Path, content: str | None, extra: list[
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+# ------------------------------------------------- ground truth and synonyms that belong together (issue 17)
+
+
+def _split(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A small built-in split and captions of its images naming exactly their objects (CHAIR_i 0)."""
+    from steer.evals import builtin
+    from steer.zoo import synthscenes
+
+    split = builtin.materialize(tmp_path / "split", n_images=6)
+    scenes = synthscenes.sample_scenes(builtin.EVAL_SEED, 6)
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text(
+        "".join(
+            json.dumps(
+                {"image_id": i, "caption": "a scene with " + " and ".join(f"a {k}" for k in s.kinds) + "."}
+            )
+            + "\n"
+            for i, s in enumerate(scenes)
+        )
+    )
+    return split.gt_objects, split.synonyms, captions
+
+
+def test_builtin_split_ground_truth_brings_its_synonyms(tmp_path: Path) -> None:
+    gt, synonyms, captions = _split(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(
+        chair_app, ["score", "--captions", str(captions), "--gt-objects", str(gt), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["CHAIR_i"] == 0.0 and payload["Recall"] == 100.0
+    assert "built-in split: its synonym table" in result.stderr
+    explicit = runner.invoke(
+        chair_app,
+        [
+            "score",
+            "--captions",
+            str(captions),
+            "--gt-objects",
+            str(gt),
+            "--synonyms",
+            str(synonyms),
+            "--json",
+        ],
+    )
+    assert json.loads(explicit.stdout)["CHAIR_i"] == 0.0
+    # the same ground truth with COCO's table is refused, not scored as 40% hallucination
+    coco = tmp_path / "coco_synonyms.txt"
+    coco.write_bytes(importlib_resources_synonyms())
+    wrong = runner.invoke(
+        chair_app, ["score", "--captions", str(captions), "--gt-objects", str(gt), "--synonyms", str(coco)]
+    )
+    assert wrong.exit_code == 2 and wrong.stderr.count("\n") == 1
+    assert "not in the synonym table" in wrong.stderr and "--synonyms" in wrong.stderr
+
+
+def importlib_resources_synonyms() -> bytes:
+    import importlib.resources
+
+    return importlib.resources.files("steer.evals").joinpath("data", "synonyms.txt").read_bytes()
+
+
+def test_a_runs_samples_are_scored_with_that_runs_files(tmp_path: Path) -> None:
+    from steer.evals.settings import EvalSettings, write_json_atomic
+
+    gt, synonyms, captions = _split(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    samples = run / "samples.jsonl"
+    samples.write_text(captions.read_text())
+    selection = {"gt_md5": chair.load_gt(gt).md5, "synonyms_md5": chair.load_vocabulary(synonyms).md5}
+    settings = EvalSettings(task="chair", model="/somewhere/model", selection=selection)
+    write_json_atomic(run / "settings.json", {"hash": settings.stable_hash(), "settings": settings.to_dict()})
+    config = {"gt_source": str(gt), "synonyms_source": str(synonyms)}
+    write_json_atomic(
+        run / "metrics.json",
+        {"task": "chair", "settings": settings.to_dict(), "metrics": {}, "details": {"config": config}},
+    )
+    result = CliRunner().invoke(chair_app, ["score", "--captions", str(samples), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["CHAIR_i"] == 0.0 and "of the steer eval run" in result.stderr
+    gt.unlink()  # the run's files are gone: say so instead of scoring against COCO
+    gone = CliRunner().invoke(chair_app, ["score", "--captions", str(samples)])
+    assert (
+        gone.exit_code == 2 and "cannot be found; give --gt-objects FILE and --synonyms FILE" in gone.stderr
+    )
+
+
+def test_empty_captions_are_an_error_not_a_perfect_score(tmp_path: Path) -> None:
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text("\n")
+    result = CliRunner().invoke(chair_app, ["score", "--captions", str(captions)])
+    assert result.exit_code == 2 and "no captions" in result.stderr and result.stderr.count("\n") == 1
+    with pytest.raises(chair.EvalInputError, match="no captions to score"):
+        chair.score_captions([], {1: {"dog"}})
+
+
+def test_coco_instances_json_as_ground_truth(tmp_path: Path) -> None:
+    _write_coco(tmp_path)
+    instances = tmp_path / "instances_val2014.json"
+    gt = chair.load_gt(instances)  # the file itself, no folder, no conversion step
+    assert gt.objects[226988] == {"pizza"} and gt.source == "coco:instances_val2014.json"
+    captions = tmp_path / "caps.jsonl"
+    captions.write_text('{"image_id": 226988, "caption": "A pizza next to a dog."}\n')
+    for option in ("--gt-objects", "--coco-annotations"):
+        result = CliRunner().invoke(
+            chair_app, ["score", "--captions", str(captions), option, str(instances), "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["CHAIR_i"] == 50.0

@@ -95,7 +95,7 @@ def test_chair_end_to_end(baseline: tuple[Path, Any]) -> None:
     assert [r["image_id"] for r in records] == sorted(IDS)
     assert all(isinstance(r["caption"], str) and 1 <= r["n_generated_tokens"] <= 8 for r in records)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"CHAIRs", "CHAIRi", "Recall", "Len"} <= set(metrics["metrics"])
+    assert {"CHAIR_s", "CHAIR_i", "Recall", "Len"} <= set(metrics["metrics"])
     assert metrics["samples"] == {"total": 6, "scored": 6, "errors": 0}
     assert metrics["details"]["overall"]["counts"]["captions"] == 6
     assert metrics["settings"]["max_new_tokens"] == 8 and metrics["method"] == "baseline"
@@ -104,7 +104,7 @@ def test_chair_end_to_end(baseline: tuple[Path, Any]) -> None:
     assert "## Settings" in report and "| max_new_tokens | 8 |" in report and "## Metrics" in report
     assert "## Anchors" in report and "## Hallucinated objects" in report
     assert "sample/s" in result.output  # the progress bar shows throughput
-    assert "CHAIRs" in result.output
+    assert "CHAIR_s" in result.output
 
 
 def test_rerun_of_a_finished_run_generates_nothing(
@@ -190,13 +190,16 @@ def test_method_is_applied_and_recorded(
     compare = invoke("compare", baseline[0], out)
     assert compare.exit_code == 0, compare.output
     text = compare.output
-    assert "baseline" in text and "image_attention" in text and "CHAIRs" in text and "Δ" in text
+    assert "baseline" in text and "image_attention" in text and "CHAIR_s" in text and "Δ" in text
     assert str(out.name) in text
     data = json.loads(invoke("compare", baseline[0], out, "--json").output)
     assert [r["method"] for r in data["runs"]] == ["baseline", "image_attention"]
     first, second = data["runs"]
-    assert all(d == 0 for d in first["deltas"].values())
-    assert second["deltas"]["Len"] == pytest.approx(second["metrics"]["Len"] - first["metrics"]["Len"])
+    assert first["deltas"] is None
+    delta = second["deltas"]["Len"]
+    assert delta["delta"] == pytest.approx(second["metrics"]["Len"] - first["metrics"]["Len"])
+    assert delta["approx"] is False and delta["n"] == 6  # paired over the six images of both runs
+    assert delta["spans_zero"] == (delta["interval"][0] <= 0 <= delta["interval"][1])
 
 
 def test_unknown_method_is_a_clean_error(model_dir: Path, images: Path, tmp_path: Path) -> None:
@@ -241,7 +244,7 @@ def test_report_lists_hallucinated_objects(
     metrics = json.loads((out / "metrics.json").read_text())
     counts = metrics["details"]["overall"]["counts"]
     assert counts["mentions"] == 18 and counts["hallucinated_mentions"] > 0
-    assert metrics["metrics"]["CHAIRs"] > 0
+    assert metrics["metrics"]["CHAIR_s"] > 0
     section = (out / "report.md").read_text().split("## Hallucinated objects")[1]
     assert "giraffe" in section and "**giraffe**" in section
 
@@ -287,7 +290,7 @@ def test_pope_end_to_end(model_dir: Path, images: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert scored.exit_code == 0, scored.output
     flat = json.loads(scored.stdout.strip().splitlines()[-1])
-    assert flat["f1"] == metrics["metrics"]["F1"] and flat["accuracy"] == metrics["metrics"]["Accuracy"]
+    assert flat["F1"] == metrics["metrics"]["F1"] and flat["Accuracy"] == metrics["metrics"]["Accuracy"]
     # a missing image fails early, naming it
     (tmp_path / "few").mkdir()
     missing = invoke(*args[:3], "--images", tmp_path / "few", *args[5:], "--out", tmp_path / "nope")
@@ -441,10 +444,124 @@ def test_anchors_for_llava_15_7b() -> None:
         "settings": settings.to_dict(),
         "resolved": {"template": "llava_v1"},
         "method": "baseline",
-        "metrics": {"CHAIRs": 46.0},
+        "metrics": {"CHAIR_s": 46.0},
     }
     (anchor,) = report.anchors_for(payload)
-    assert anchor["metrics"]["CHAIRs"] == 45.0 and anchor["mismatches"] == []
+    assert anchor["metrics"]["CHAIR_s"] == 45.0 and anchor["mismatches"] == []
     short = {**payload, "settings": {**payload["settings"], "max_new_tokens": 64}}
     assert "max_new_tokens 64 (anchor 512)" in report.anchors_for(short)[0]["mismatches"]
     assert report.anchors_for({**payload, "settings": {**payload["settings"], "model": "/x/tiny"}}) == []
+
+
+# -------------------------------------------------------------------- provenance, sampling, report.html
+
+
+def test_metrics_carry_full_provenance(baseline: tuple[Path, Any], model_dir: Path) -> None:
+    import hashlib
+
+    out = baseline[0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    prov = metrics["provenance"]
+    assert prov["recorded"] == "at generation"
+    assert {"steer", "torch", "transformers", "diffusers"} <= {k for k, v in prov["versions"].items() if v}
+    assert prov["git"] is not None and len(prov["git"]["commit"]) == 40  # run from a checkout
+    assert (prov["device"], prov["dtype"]) == ("cpu", "float32")
+    model = prov["model"]
+    assert model["name"] == str(model_dir.resolve()) and model["path"] == str(model_dir.resolve())
+    weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert model["weights"]["files"] == {"model.safetensors": weights}
+    assert prov["seed"] == 0 and prov["method_params"] == {}
+    effective = prov["generation"]["effective"]
+    assert (
+        effective["max_new_tokens"] == 8 and effective["do_sample"] is False and effective["num_beams"] == 1
+    )
+    assert metrics["intervals"].keys() == metrics["metrics"].keys()
+    assert metrics["bootstrap"]["unit"] == "image" and metrics["bootstrap"]["n_units"] == 6
+    text = (out / "report.md").read_text()
+    assert "## Provenance" in text and model["weights"]["sha256"] in text and "95% interval" in text
+
+
+def test_sampling_is_seeded_and_part_of_the_run(model_dir: Path, images: Path, tmp_path: Path) -> None:
+    sample = ["--do-sample", "--temperature", "1.5", "--top-p", "0.95"]
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        result = invoke(*chair_args(model_dir, images, tmp_path / name, *sample, "--seed", seed))
+        assert result.exit_code == 0, result.output
+        runs[name] = (tmp_path / name / "samples.jsonl").read_text()
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
+    saved = json.loads((tmp_path / "a" / "settings.json").read_text())
+    assert (saved["settings"]["seed"], saved["settings"]["temperature"], saved["settings"]["top_p"]) == (
+        3,
+        1.5,
+        0.95,
+    )
+    effective = json.loads((tmp_path / "a" / "metrics.json").read_text())["provenance"]["generation"][
+        "effective"
+    ]
+    assert effective["do_sample"] is True and effective["temperature"] == 1.5 and effective["top_p"] == 0.95
+    again = invoke(*chair_args(model_dir, images, tmp_path / "a", *sample, "--seed", 4))
+    assert again.exit_code == 2 and "seed: 3 -> 4" in again.output
+    greedy_with_temperature = invoke(*chair_args(model_dir, images, tmp_path / "d", "--temperature", "0.5"))
+    assert greedy_with_temperature.exit_code == 2 and "add --do-sample" in greedy_with_temperature.output
+
+
+def test_report_html_gallery_highlights_hallucinations(
+    model_dir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake(loaded: Any, prompts: list[str], imgs: list[Any], generation: Any) -> list[tuple[str, int]]:
+        return [("A giraffe stands next to a man.", 8) for _ in prompts]
+
+    monkeypatch.setattr(generation, "generate_batch", fake)
+    out = tmp_path / "run"
+    assert invoke(*chair_args(model_dir, images, out)).exit_code == 0
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and page.count('<div class="card">') == 6
+    assert page.count("data:image/jpeg;base64,") == 6  # every image embedded
+    assert '<mark class="h">giraffe</mark>' in page and "data:image/png;base64," in page  # and the chart
+    assert "Provenance" in page and "95% bootstrap interval" in page
+
+
+def test_torchrun_shards_a_run_over_two_cpu_processes(
+    baseline: tuple[Path, Any], model_dir: Path, images: Path, tmp_path: Path
+) -> None:
+    """The README's CPU launcher: `torchrun --nproc_per_node 2 -m steer.cli eval ...` (gloo) starts two
+    processes that share the samples; process 0 merges them into the single-process result."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="200")
+    out = tmp_path / "torchrun"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "steer.cli", "eval", *map(str, chair_args(model_dir, images, out)), "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "on process 0 of 2" in done.stderr
+    assert sorted(p.name for p in out.glob("samples*.jsonl")) == ["samples.jsonl"]
+    assert (out / "samples.jsonl").read_text() == (baseline[0] / "samples.jsonl").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metrics"] == json.loads((baseline[0] / "metrics.json").read_text())["metrics"]
+
+
+def test_ground_truth_and_synonyms_of_other_benchmarks_fail_before_generating(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from steer.evals import builtin
+
+    split = builtin.materialize(tmp_path / "split", n_images=3)
+    done = count_generations(monkeypatch, fake=True)
+    coco = tmp_path / "coco_synonyms.txt"
+    coco.write_text("dog, puppy\ncat\n")
+    args = ["chair", "--model", model_dir, "--images", split.images, "--gt-objects", split.gt_objects]
+    wrong = invoke(*args, "--synonyms", coco, "--out", tmp_path / "wrong")
+    assert wrong.exit_code == 2 and "not in the synonym table" in wrong.output and done == []
+    # the split's ground truth brings its own table
+    right = invoke(*args, "--out", tmp_path / "right", "--no-progress")
+    assert right.exit_code == 0, right.output
+    assert len(done) == 3
+    config = json.loads((tmp_path / "right" / "metrics.json").read_text())["details"]["config"]
+    assert config["synonyms_source"] == str(split.synonyms.resolve())

@@ -384,13 +384,18 @@ def test_cli_json_is_one_object(tmp_path: Path, august: pope.QuestionSet) -> Non
     assert result.exit_code == 0, result.output
     assert result.stdout.count("\n") == 1
     payload = json.loads(result.stdout)
+    intervals = {k: payload.pop(k) for k in list(payload) if k.endswith("_ci95")}
+    assert set(intervals) == {
+        f"{m}_ci95" for m in ("Accuracy", "Precision", "Recall", "F1", "Yes-ratio", "Off-format")
+    }
+    assert intervals["F1_ci95"][0] < 87.18 < intervals["F1_ci95"][1]
     assert payload == {
-        "accuracy": 88.04,
-        "precision": 97.45,
-        "recall": 78.87,
-        "f1": 87.18,
-        "yes_ratio": 41.72,
-        "off_format_rate": 0.0,
+        "Accuracy": 88.04,
+        "Precision": 97.45,
+        "Recall": 78.87,
+        "F1": 87.18,
+        "Yes-ratio": 41.72,
+        "Off-format": 0.0,
         "tp": 1183,
         "fp": 31,
         "tn": 1379,
@@ -424,11 +429,11 @@ def test_cli_table_and_opera_parser(tmp_path: Path, current: pope.QuestionSet) -
     args = ["score", "--answers", str(answers), "--questions", str(CURRENT), "--out", str(out)]
     table = CliRunner().invoke(pope_app, args)
     assert table.exit_code == 0, table.output
-    assert "accuracy" in table.stdout and "50.00" in table.stdout  # official: "isn't" is not a no
+    assert "Accuracy" in table.stdout and "50.00" in table.stdout  # official: "isn't" is not a no
     opera = CliRunner().invoke(pope_app, [*args, "--parser", "opera", "--json"])
     assert opera.exit_code == 0, opera.output
-    assert json.loads(opera.stdout)["accuracy"] == 100.0
-    assert json.loads(opera.stdout)["off_format_rate"] == 50.0
+    assert json.loads(opera.stdout)["Accuracy"] == 100.0
+    assert json.loads(opera.stdout)["Off-format"] == 50.0
     assert len(out.read_text().splitlines()) == 3000
 
 
@@ -466,3 +471,14 @@ def test_cli_bad_input_exits_2(tmp_path: Path, answers: str | None, extra: list[
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_empty_answers_are_an_error_not_a_perfect_score(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_text("")
+    result = CliRunner().invoke(
+        pope_app, ["score", "--answers", str(path), "--questions", str(CURRENT), "--allow-missing"]
+    )
+    assert result.exit_code == 2 and "no answers" in result.stderr and result.stderr.count("\n") == 1
+    with pytest.raises(EvalInputError, match="no answers to score"):
+        pope.score_answers([], pope.load_questions(CURRENT), allow_missing=True)

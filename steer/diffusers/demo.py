@@ -7,8 +7,9 @@
 ``--model tiny`` (default) is steer's offline random-weight pipeline (``zoo.load_tiny_sd``; its images are
 noise-like, the point is the plumbing); any other value is a local folder or a hub id loaded with
 ``DiffusionPipeline.from_pretrained``. Writes ``before.png`` (the stock pipeline), ``after.png`` (the same
-generator, steered), ``maps.png`` (A-STAR / A&E: the concept maps of the last updated step) and prints the
-per-step losses or detection attempts.
+generator, steered), ``grid.png`` (the prompt's before/after grid, `steer.evals.plots.before_after_grid`),
+``maps.png`` (A-STAR / A&E: the concept maps of the last updated step) and prints the per-step losses or
+detection attempts.
 """
 
 from __future__ import annotations
@@ -100,10 +101,12 @@ def run(args: argparse.Namespace, params: dict[str, Any]) -> None:
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         return p(args.prompt, generator=generator, **call).images[0]
 
-    generate(pipe).save(out / "before.png")
+    before = generate(pipe)
+    before.save(out / "before.png")
     handle: Any = steer.apply(pipe, args.method, **params)
     with handle:
-        generate(handle.pipe).save(out / "after.png")
+        after = generate(handle.pipe)
+        after.save(out / "after.png")
         state = handle.state[args.method]
         if state.get("maps"):
             handle.save_attention_maps(out / "maps.png")
@@ -114,7 +117,13 @@ def run(args: argparse.Namespace, params: dict[str, Any]) -> None:
     else:
         for record in state["log"]:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()})
-    print(f"wrote {out / 'before.png'}, {out / 'after.png'}" + (f", {out / 'maps.png'}" if state.get("maps") else ""))
+    from steer.evals.plots import before_after_grid, save
+
+    save(before_after_grid(args.prompt, [before], [after]), out / "grid.png")
+    print(
+        f"wrote {out / 'before.png'}, {out / 'after.png'}, {out / 'grid.png'}"
+        + (f", {out / 'maps.png'}" if state.get("maps") else "")
+    )
 
 
 if __name__ == "__main__":

@@ -2,9 +2,14 @@
 
 Importing the package gives the scorers only. The modules, from the bottom up:
 
-* ``chair``, ``pope``: CHAIR and POPE scoring (files in, metrics out); ``report``: ``metrics.json``,
-  ``report.md`` and the compare table; ``builtin``: the built-in SynthScenes benchmark; ``loading``: model +
-  processor loading.
+* ``chair``, ``pope``: CHAIR and POPE scoring (files in, metrics out; rules in ``docs/chair.md`` and
+  ``docs/pope.md``); ``metrics``: the metric names and directions every command uses; ``bootstrap``: 95%
+  intervals over images and paired differences; ``formats``: Hugging Face datasets as inputs; ``builtin``: the
+  built-in SynthScenes benchmark; ``loading``: model + processor loading; ``provenance``: versions, commit,
+  model files and weights hash.
+* outputs: ``report`` (``metrics.json``, ``per_image.json``, ``report.md``), ``html_report`` (``report.html``),
+  ``compare`` (``steer eval compare``), ``plots`` (charts, overlays, before/after grids; matplotlib or PIL),
+  ``show`` (``steer show``: a method's ``Steering.state`` as a picture).
 * ``steer eval`` runs: ``settings`` (the run's settings and ``settings.json``), ``journal`` (``samples.jsonl``
   and its shards), ``prompts`` (templates), ``generation`` (one batch through ``model.generate``),
   ``sharding`` (processes of ``accelerate launch``), ``session`` (load + apply the steer methods),

@@ -1,6 +1,6 @@
 """CHAIR: caption hallucination scoring (Rohrbach et al., EMNLP 2018), original lineage by default.
 
-A caption is turned into COCO object *mentions* by (spec ``shared/specs/chair.md``):
+A caption is turned into COCO object *mentions* by (``docs/chair.md``):
 
 1. lower-casing; 2. sentence splitting on ``(?<=[.!?])\\s+``; 3. NLTK's Treebank word tokenizer per sentence;
 4. pattern-3.6-style rule-based singularisation of every token; 5. a greedy, non-overlapping two-word merge;
@@ -28,6 +28,7 @@ import hashlib
 import importlib.resources
 import json
 import re
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -47,7 +48,9 @@ __all__ = [
     "build_gt_from_coco",
     "caption_mentions",
     "caption_tokens",
+    "check_vocabulary",
     "compare_gt",
+    "is_coco_annotation",
     "load_captions",
     "load_gt",
     "load_vocabulary",
@@ -247,6 +250,7 @@ class Vocabulary:
     to_node: Mapping[str, str]
     nodes: tuple[str, ...]
     md5: str
+    source: str = ""
 
     def __contains__(self, word: object) -> bool:
         return word in self.to_node
@@ -277,8 +281,14 @@ def _package_file(name: str) -> bytes:
 @lru_cache(maxsize=8)
 def _load_vocabulary(path: str | None) -> Vocabulary:
     raw = _package_file(_SYNONYMS_FILE) if path is None else _read_bytes(Path(path))
-    vocab = parse_synonyms(raw.decode("utf-8"))
-    return Vocabulary(to_node=vocab.to_node, nodes=vocab.nodes, md5=_md5(raw))
+    try:
+        vocab = parse_synonyms(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise EvalInputError(f"{path}: not a UTF-8 synonym table") from None
+    if not vocab.nodes:
+        raise EvalInputError(f"{path}: empty synonym table")
+    source = f"steer:{_SYNONYMS_FILE}" if path is None else str(path)
+    return Vocabulary(to_node=vocab.to_node, nodes=vocab.nodes, md5=_md5(raw), source=source)
 
 
 def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
@@ -458,6 +468,8 @@ def load_captions(
         except EvalInputError as err:
             raise EvalInputError(f"{path}: record {i}: {err}") from None
         out.append({"image_id": image_id, "caption": caption})
+    if not out:
+        raise EvalInputError(f"{path}: no captions (an empty file scores nothing, not a perfect score)")
     return out
 
 
@@ -473,21 +485,31 @@ class GroundTruth:
         return len(self.objects)
 
 
-def _gt_from_json(raw: bytes, source: str) -> GroundTruth:
-    if raw[:2] == b"\x1f\x8b":
-        raw_json = gzip.decompress(raw)
-    else:
-        raw_json = raw
+def _decode_json(raw: bytes, source: str) -> Any:
+    raw_json = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     try:
-        data = json.loads(raw_json)
+        return json.loads(raw_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EvalInputError(f"{source}: not a JSON ground-truth map ({err})") from None
+
+
+def is_coco_annotation(data: Any) -> bool:
+    """True for the content of a COCO annotation file (``instances_*.json``, ``captions_*.json``)."""
+    return isinstance(data, dict) and isinstance(data.get("annotations"), list) and "images" in data
+
+
+def _gt_from_json(raw: bytes, source: str) -> GroundTruth:
+    data = _decode_json(raw, source)
+    if is_coco_annotation(data):
+        return _gt_from_coco_data([(Path(source), data)], None, load_vocabulary())
     if not isinstance(data, dict):
         raise EvalInputError(f"{source}: expected a JSON object {{image_id: [objects]}}")
     try:
         objects = {int(k): frozenset(v) for k, v in data.items()}
     except (TypeError, ValueError):
         raise EvalInputError(f"{source}: keys must be image ids and values lists of object words") from None
+    if not objects:
+        raise EvalInputError(f"{source}: the ground-truth map is empty")
     return GroundTruth(objects=objects, source=source, md5=_md5(raw))
 
 
@@ -497,7 +519,10 @@ def _shipped_gt() -> GroundTruth:
 
 
 def load_gt(path: str | Path | None = None) -> GroundTruth:
-    """Load a ``{"<image_id>": [node words]}`` map (``.json`` or ``.json.gz``); default: the shipped COCO-2014 map."""
+    """Load a ``{"<image_id>": [node words]}`` map (``.json`` or ``.json.gz``), or build one from a COCO
+    annotation file given directly (``instances_val2014.json``: the node words of each image's instance
+    categories; a captions file: the node words its human captions mention); default: the shipped COCO-2014
+    map (instances and captions united, as the original CHAIR code builds it)."""
     if path is None:
         return _shipped_gt()
     path = Path(path)
@@ -518,16 +543,19 @@ def save_gt(gt: GroundTruth | Mapping[int, Iterable[str]], path: str | Path) -> 
     return _md5(raw)
 
 
-def _coco_files(annotation_dir: Path) -> tuple[list[Path], list[Path]]:
-    if not annotation_dir.is_dir():
-        raise EvalInputError(f"COCO annotation folder not found: {annotation_dir}")
-    instances = sorted(annotation_dir.glob("instances_*2014.json"))
-    captions = sorted(annotation_dir.glob("captions_*2014.json"))
-    if not instances and not captions:
+def _coco_files(annotations: Path) -> list[Path]:
+    """The COCO annotation files to read: ``annotations`` itself when it is a file, else the folder's
+    ``instances_*2014.json`` and ``captions_*2014.json``."""
+    if annotations.is_file():
+        return [annotations]
+    if not annotations.is_dir():
+        raise EvalInputError(f"COCO annotation folder or file not found: {annotations}")
+    files = sorted(annotations.glob("instances_*2014.json")) + sorted(annotations.glob("captions_*2014.json"))
+    if not files:
         raise EvalInputError(
-            f"{annotation_dir}: no instances_*2014.json or captions_*2014.json (COCO 2014 annotations) found"
+            f"{annotations}: no instances_*2014.json or captions_*2014.json (COCO 2014 annotations) found"
         )
-    return instances, captions
+    return files
 
 
 def _load_json_object(path: Path) -> dict[str, Any]:
@@ -550,20 +578,16 @@ def _malformed(path: Path) -> Iterator[None]:
         raise EvalInputError(f"{path}: malformed COCO annotation ({type(err).__name__}: {err})") from None
 
 
-def build_gt_from_coco(
-    annotation_dir: str | Path,
-    image_ids: Iterable[int] | None = None,
-    vocabulary: Vocabulary | None = None,
-) -> GroundTruth:
-    """Ground truth from COCO-2014 files in ``annotation_dir`` (any subset of the four; plain JSON).
+def _is_captions(data: Mapping[str, Any]) -> bool:
+    """A captions file (``captions_*.json``: no categories) rather than an instances file."""
+    annotations = data["annotations"]
+    first = annotations[0] if annotations and isinstance(annotations[0], Mapping) else {}
+    return "categories" not in data or ("caption" in first and "category_id" not in first)
 
-    Per image: the node words of its instance categories (``instances_*2014.json``) united with the node words
-    of its human captions (``captions_*2014.json``) run through steps 1-7. Images come from the files'
-    ``images`` lists and annotations; ``image_ids`` restricts the result.
-    """
-    vocab = vocabulary or load_vocabulary()
-    instance_files, caption_files = _coco_files(Path(annotation_dir))
-    wanted = None if image_ids is None else {int(i) for i in image_ids}
+
+def _gt_from_coco_data(
+    files: Sequence[tuple[Path, Mapping[str, Any]]], wanted: set[int] | None, vocab: Vocabulary
+) -> GroundTruth:
     objects: dict[int, set[str]] = {}
 
     def slot(image_id: int) -> set[str] | None:
@@ -571,11 +595,26 @@ def build_gt_from_coco(
             return None
         return objects.setdefault(image_id, set())
 
-    for path in instance_files:
-        data = _load_json_object(path)
+    ordered = [f for f in files if not _is_captions(f[1])] + [f for f in files if _is_captions(f[1])]
+    for path, data in ordered:
         with _malformed(path):
             for image in data.get("images", []):
                 slot(int(image["id"]))
+            if _is_captions(data):
+                from tqdm.auto import tqdm
+
+                annotations = data["annotations"]
+                for ann in tqdm(
+                    annotations,
+                    desc=f"CHAIR ground truth from {path.name}",
+                    unit="caption",
+                    disable=len(annotations) < 20000,
+                    file=sys.stderr,
+                ):
+                    target = slot(int(ann["image_id"]))
+                    if target is not None:
+                        target.update(caption_mentions(str(ann["caption"]), vocab).nodes)
+                continue
             names = {cat["id"]: cat["name"] for cat in data.get("categories", [])}
             for ann in data["annotations"]:
                 target = slot(int(ann["image_id"]))
@@ -587,19 +626,28 @@ def build_gt_from_coco(
                         f"{path}: category {ann['category_id']} ({name!r}) is not a CHAIR node"
                     )
                 target.add(vocab.to_node[name])
-    for path in caption_files:
-        data = _load_json_object(path)
-        with _malformed(path):
-            for image in data.get("images", []):
-                slot(int(image["id"]))
-            for ann in data["annotations"]:
-                target = slot(int(ann["image_id"]))
-                if target is not None:
-                    target.update(caption_mentions(str(ann["caption"]), vocab).nodes)
     frozen = {k: frozenset(v) for k, v in objects.items()}
     digest = _md5(json.dumps(_canonical(frozen)).encode("utf-8"))
-    source = "coco:" + ",".join(p.name for p in instance_files + caption_files)
+    source = "coco:" + ",".join(p.name for p, _ in ordered)
     return GroundTruth(objects=frozen, source=source, md5=digest)
+
+
+def build_gt_from_coco(
+    annotation_dir: str | Path,
+    image_ids: Iterable[int] | None = None,
+    vocabulary: Vocabulary | None = None,
+) -> GroundTruth:
+    """Ground truth from COCO annotation files: a folder's ``instances_*2014.json`` / ``captions_*2014.json``
+    (any subset of the four; plain JSON), or one annotation file given directly (any year).
+
+    Per image: the node words of its instance categories united with the node words of its human captions
+    run through steps 1-7. Images come from the files' ``images`` lists and annotations; ``image_ids``
+    restricts the result.
+    """
+    vocab = vocabulary or load_vocabulary()
+    files = [(path, _load_json_object(path)) for path in _coco_files(Path(annotation_dir))]
+    wanted = None if image_ids is None else {int(i) for i in image_ids}
+    return _gt_from_coco_data(files, wanted, vocab)
 
 
 def compare_gt(built: GroundTruth, reference: GroundTruth | None = None) -> list[int]:
@@ -636,6 +684,24 @@ def _dedupe(captions: list[dict[str, Any]], duplicates: str) -> list[dict[str, A
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
+
+
+def check_vocabulary(gt_objects: Mapping[int, Iterable[str]], vocabulary: Vocabulary, gt_source: str) -> None:
+    """Refuse ground truth whose object words are not node words of the synonym table.
+
+    Such words can never be mentioned, so every caption would look hallucinated and nothing recalled: the
+    ground truth and the synonym table belong to different benchmarks (e.g. the built-in split's ground truth
+    scored with COCO's table).
+    """
+    foreign = sorted(set().union(*gt_objects.values()) - set(vocabulary.nodes)) if gt_objects else []
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (" ..." if len(foreign) > 8 else "")
+        raise EvalInputError(
+            f"the ground truth ({gt_source}) names objects that are not in the synonym table "
+            f"({vocabulary.source or 'given'}, md5 {vocabulary.md5[:8]}): {shown}; they belong to different "
+            "benchmarks: give the synonym table of this ground truth (--synonyms FILE; the built-in split's is "
+            "synonyms.txt next to its gt_objects.json)"
+        )
 
 
 def score_captions(
@@ -677,11 +743,14 @@ def score_captions(
         gt_source, gt_md5 = "mapping", _md5(json.dumps(_canonical(gt_objects)).encode("utf-8"))
 
     items = [{"image_id": parse_image_id(c["image_id"]), "caption": c["caption"]} for c in captions]
+    if not items:
+        raise EvalInputError("no captions to score (an empty input scores nothing, not a perfect score)")
     items = _dedupe(items, duplicates)
     missing = sorted({c["image_id"] for c in items} - set(gt_objects))
     if missing and missing_gt == "error":
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise EvalInputError(f"{len(missing)} image ids are not in the ground truth ({gt_source}): {shown}")
+    check_vocabulary({c["image_id"]: gt_objects.get(c["image_id"], ()) for c in items}, vocab, gt_source)
 
     records = []
     totals: Counter[str] = Counter()
@@ -744,6 +813,7 @@ def score_captions(
     config = {
         "lineage": lineage,
         "synonyms_md5": vocab.md5,
+        "synonyms_source": vocab.source,
         "gt_source": gt_source,
         "gt_md5": gt_md5,
         "duplicates": duplicates,

@@ -9,6 +9,7 @@ alongside). Per-item records go to ``--out`` or next to the input (``<stem>.chai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -21,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from steer.errors import EvalInputError, SteerError
-from steer.evals import chair, journal, pope, report
+from steer.evals import bootstrap, chair, compare, formats, html_report, journal, pope, report
+from steer.evals.metrics import POPE_METRICS, POPE_SCORER_KEYS, chair_metrics, direction, pope_metrics
 from steer.evals.options import Bench, RunOptions, check_choice, default_out
 from steer.evals.run import run_eval
 from steer.evals.session import session_loader
@@ -109,8 +111,58 @@ def _echo_json(payload: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _pct1(x: float) -> float:
-    return round(100 * x, 1)
+def _interval_text(interval: Any, decimals: int) -> str:
+    if not interval:
+        return ""
+    return f"[{interval[0]:.{decimals}f}, {interval[1]:.{decimals}f}]"
+
+
+def _builtin_synonyms(gt_objects: Path) -> Path | None:
+    """The synonym table beside a built-in split's ground truth (its folder holds ``split.json``)."""
+    folder = gt_objects.resolve().parent
+    table = folder / "synonyms.txt"
+    return table if (folder / "split.json").is_file() and table.is_file() else None
+
+
+def _run_files(captions: Path) -> tuple[Path | None, Path | None] | None:
+    """When ``captions`` is the ``samples.jsonl`` of a ``steer eval chair`` run: the ground-truth and synonym
+    files that run was scored with (``None`` = the shipped COCO ones). ``None`` when it is not a run's file.
+
+    Raises:
+        EvalInputError: the run used files that cannot be found any more.
+    """
+    from steer.evals import builtin, settings
+
+    saved = settings.read_settings(captions.resolve().parent)
+    if saved is None or saved["settings"].get("task") != "chair":
+        return None
+    selection = saved["settings"].get("selection") or {}
+    want_gt, want_syn = selection.get("gt_md5"), selection.get("synonyms_md5")
+    candidates: list[tuple[Path | None, Path | None]] = [(None, None)]
+    try:
+        config = report.load_run(captions.resolve().parent)["details"]["config"]
+        candidates.append((Path(config["gt_source"]), Path(config.get("synonyms_source") or "-")))
+    except (EvalInputError, KeyError, TypeError):
+        pass
+    if builtin.is_builtin(str(saved["settings"].get("model", ""))):
+        split = builtin.split()
+        candidates.append((split.gt_objects, split.synonyms))
+    gt_path = syn_path = None
+    found_gt = found_syn = False
+    for gt_file, syn_file in candidates:
+        if not found_gt and (gt_file is None or gt_file.is_file()) and chair.load_gt(gt_file).md5 == want_gt:
+            gt_path, found_gt = gt_file, True
+        if not found_syn and (syn_file is None or syn_file.is_file()):
+            md5 = chair.load_vocabulary(syn_file).md5
+            if md5 == want_syn or (want_syn is None and syn_file is None):
+                syn_path, found_syn = syn_file, True
+    if not (found_gt and found_syn):
+        raise EvalInputError(
+            f"{captions} is a steer eval run's file, scored against ground truth md5 {want_gt}"
+            + (f" and synonyms md5 {want_syn}" if want_syn else "")
+            + ", which cannot be found; give --gt-objects FILE and --synonyms FILE"
+        )
+    return gt_path, syn_path
 
 
 @chair_app.command("score")
@@ -121,12 +173,19 @@ def chair_score(
     gt_objects: Path | None = typer.Option(
         None,
         "--gt-objects",
-        help="Ground-truth map {image_id: [objects]} (.json or .json.gz). Default: shipped.",
+        help="Ground truth: a map {image_id: [objects]} (.json or .json.gz) or a COCO instances/captions "
+        "JSON. Default: the shipped COCO-2014 map, or the ground truth of the steer eval run the captions "
+        "come from.",
     ),
     coco_annotations: Path | None = typer.Option(
         None,
         "--coco-annotations",
-        help="Folder with instances_*2014.json / captions_*2014.json to build GT from.",
+        help="Folder with instances_*2014.json / captions_*2014.json (or one such file) to build GT from.",
+    ),
+    synonyms: Path | None = typer.Option(
+        None,
+        "--synonyms",
+        help="CHAIR synonym table (default: COCO's; beside a built-in split's ground truth: that split's).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one flat JSON object with the metrics."),
     out: Path | None = typer.Option(
@@ -143,7 +202,9 @@ def chair_score(
         "original", help="original (pattern singulariser) or opera (needs NLTK data)."
     ),
 ) -> None:
-    """Score captions: CHAIR_s, CHAIR_i, Recall, Len (percent, one decimal)."""
+    """Score captions: CHAIR_s, CHAIR_i, Recall, Len, Precision, F1 (percent, one decimal) with bootstrap 95%
+    intervals over images. Rules: docs/chair.md."""
+    notes: list[str] = []
     with _clean_errors():
         check_choice(duplicates, chair.DUPLICATES, "--duplicates")
         check_choice(missing_gt, chair.MISSING_GT, "--missing-gt")
@@ -151,60 +212,83 @@ def chair_score(
         if gt_objects is not None and coco_annotations is not None:
             raise EvalInputError("give either --gt-objects or --coco-annotations, not both")
         _require_file(captions, "captions file")
+        if synonyms is not None:
+            _require_file(synonyms, "synonyms file")
         items = chair.load_captions(captions, image_key=image_key, caption_key=caption_key)
+        if gt_objects is None and coco_annotations is None:
+            found = _run_files(captions)
+            if found is not None:
+                gt_objects = found[0]
+                if synonyms is None:
+                    synonyms = found[1]
+                notes.append(f"ground truth and synonyms of the steer eval run {captions.resolve().parent}")
+        if gt_objects is not None:
+            _require_file(gt_objects, "ground-truth file")
+            if synonyms is None:
+                synonyms = _builtin_synonyms(gt_objects)
+                if synonyms is not None:
+                    notes.append(f"built-in split: its synonym table {synonyms}")
+        vocabulary = chair.load_vocabulary(synonyms)
         if coco_annotations is not None:
-            gt = chair.build_gt_from_coco(coco_annotations, image_ids={c["image_id"] for c in items})
+            gt = chair.build_gt_from_coco(
+                coco_annotations, image_ids={c["image_id"] for c in items}, vocabulary=vocabulary
+            )
         else:
-            if gt_objects is not None:
-                _require_file(gt_objects, "ground-truth file")
             gt = chair.load_gt(gt_objects)
         result = chair.score_captions(
             items,
             gt,
+            vocabulary=vocabulary,
             lineage=lineage,
             duplicates=duplicates,
             truncate_incomplete=truncate_incomplete,
             missing_gt=missing_gt,
         )
+        units = bootstrap.chair_units(result["captions"])
+        ci = bootstrap.intervals(units)
         records_path = _records_path(captions, out, "chair")
         summary = {
             "config": {**result["config"], "captions_file": str(captions)},
             "overall": result["overall"],
+            "metrics": chair_metrics(result["overall"]),
+            "intervals": ci,
+            "bootstrap": bootstrap.describe(len(units)),
         }
         summary_path = _write(result["captions"], summary, records_path)
     overall, counts = result["overall"], result["overall"]["counts"]
+    shown = chair_metrics(overall)
     if as_json:
-        _echo_json(
-            {
-                "CHAIRs": _pct1(overall["CHAIR_s"]),
-                "CHAIRi": _pct1(overall["CHAIR_i"]),
-                "Recall": _pct1(overall["Recall"]),
-                "Len": round(overall["Len"], 1),
-                "Precision": _pct1(overall["Precision"]),
-                "F1": _pct1(overall["F1"]),
-                **counts,
-            }
-        )
+        payload: dict[str, Any] = dict(shown)
+        payload.update({f"{name}_ci95": ci[name] for name in shown})
+        payload.update(counts)
+        _echo_json(payload)
     else:
+        fractions = {
+            "CHAIR_s": f"{counts['hallucinated_captions']}/{counts['captions']}",
+            "CHAIR_i": f"{counts['hallucinated_mentions']}/{counts['mentions']}",
+            "Recall": f"{counts['recalled']}/{counts['gt_objects']}",
+            "Len": f"{counts['tokens']} tokens",
+        }
         rows = [
             (
-                "CHAIR_s",
-                f"{100 * overall['CHAIR_s']:.1f}  ({counts['hallucinated_captions']}/{counts['captions']})",
-            ),
-            (
-                "CHAIR_i",
-                f"{100 * overall['CHAIR_i']:.1f}  ({counts['hallucinated_mentions']}/{counts['mentions']})",
-            ),
-            ("Recall", f"{100 * overall['Recall']:.1f}  ({counts['recalled']}/{counts['gt_objects']})"),
-            ("Len", f"{overall['Len']:.1f}  ({counts['tokens']} tokens)"),
-            ("Precision", f"{100 * overall['Precision']:.1f}"),
-            ("F1", f"{100 * overall['F1']:.1f}"),
+                f"{name} {direction(name)}".strip(),
+                f"{value:.1f}  {_interval_text(ci.get(name), 1)}"
+                + (f"  ({fractions[name]})" if name in fractions else ""),
+            )
+            for name, value in shown.items()
         ]
+        config = result["config"]
         _show(
-            f"CHAIR ({result['config']['lineage']} lineage) - {captions.name}",
+            f"CHAIR ({config['lineage']} lineage) - {captions.name}",
             rows,
-            [f"ground truth: {result['config']['gt_source']} (md5 {result['config']['gt_md5']})"],
+            [
+                f"ground truth: {config['gt_source']} (md5 {config['gt_md5']}); synonyms: "
+                f"{config['synonyms_source']} (md5 {config['synonyms_md5']})",
+                "[value] [95% bootstrap interval over images]",
+            ],
         )
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"records: {records_path}; summary: {summary_path}", err=True)
 
 
@@ -233,10 +317,6 @@ def chair_build_gt(
 # --------------------------------------------------------------------------------------------------
 
 
-def _pct2(x: float) -> float:
-    return round(100 * x, 2)
-
-
 @pope_app.command("score")
 def pope_score(
     answers: Path = typer.Option(..., "--answers", help="Answers JSONL (steer or LLaVA format)."),
@@ -252,7 +332,8 @@ def pope_score(
         False, help="Score the answered questions and report the missing ones."
     ),
 ) -> None:
-    """Score yes/no answers: accuracy, precision, recall, F1, yes-ratio, off-format rate (percent)."""
+    """Score yes/no answers: Accuracy, Precision, Recall, F1, Yes-ratio, Off-format (percent, two decimals)
+    with bootstrap 95% intervals over images. Rules: docs/pope.md."""
     with _clean_errors():
         check_choice(parser, pope.PARSERS, "--parser")
         _require_file(answers, "answers file")
@@ -261,27 +342,40 @@ def pope_score(
         result = pope.score_answers(
             pope.load_answers(answers), qset, parser=parser, allow_missing=allow_missing
         )
+        split = qset.split or "questions"
+        units = bootstrap.pope_units(({**r, "split": split} for r in result["records"]), [split])
+        ci = bootstrap.intervals(units)
         records_path = _records_path(answers, out, "pope")
         summary = {
             "config": {**result["config"], "answers_file": str(answers)},
             "metrics": result["metrics"],
+            "intervals": ci,
+            "bootstrap": bootstrap.describe(len(units)),
             "missing": result["missing"],
         }
         summary_path = _write(result["records"], summary, records_path)
     m = result["metrics"]
-    rates = ("accuracy", "precision", "recall", "f1", "yes_ratio", "off_format_rate")
+    shown = pope_metrics(m)
+    counts = ("tp", "fp", "tn", "fn", "n", "unknown", "missing")
     if as_json:
-        payload: dict[str, Any] = {key: _pct2(m[key]) for key in rates}
-        payload.update({key: m[key] for key in ("tp", "fp", "tn", "fn", "n", "unknown", "missing")})
+        payload: dict[str, Any] = dict(shown)
+        payload.update({f"{name}_ci95": ci[name] for name in POPE_METRICS})
+        payload.update({key: m[key] for key in counts})
         _echo_json(payload)
     else:
-        fmt: Callable[[str], str] = lambda key: f"{100 * m[key]:.2f}"  # noqa: E731
-        rows = [(key, fmt(key)) for key in rates]
+        rows = [
+            (f"{name} {direction(name)}".strip(), f"{shown[name]:.2f}  {_interval_text(ci.get(name), 2)}")
+            for name in POPE_METRICS
+        ]
         rows += [(key, str(m[key])) for key in ("n", "tp", "fp", "tn", "fn", "unknown", "missing")]
         cfg = result["config"]
         notes = [
-            f"questions: {cfg['questions']} (split {cfg['split']}, version {cfg['version']}, md5 {cfg['questions_md5']})"
+            f"questions: {cfg['questions']} (split {cfg['split']}, version {cfg['version']}, md5 {cfg['questions_md5']})",
+            "[value] [95% bootstrap interval over images]",
         ]
+        notes += report.off_format_notes(
+            {name: 100 * m[key] for name, key in POPE_SCORER_KEYS.items()}, result["records"]
+        )
         if result["missing"]:
             notes.append(
                 f"[yellow]{len(result['missing'])} questions had no answer and were not scored[/yellow]"
@@ -337,11 +431,19 @@ BuildTask = Callable[[RunOptions, Bench | None], Task]
 giving the built-in split, see `RunOptions.with_defaults`)."""
 
 
-def _run_eval(task_name: str, options: RunOptions, build: BuildTask, prompt: str) -> None:
+def _run_eval(
+    task_name: str,
+    options: RunOptions,
+    build: BuildTask,
+    prompt: str,
+    prepare: Callable[[RunOptions], RunOptions] | None = None,
+) -> None:
     """Shared body of ``steer eval chair`` and ``steer eval pope``: ``prompt`` is the user text (template)
-    recorded in the settings."""
+    recorded in the settings; ``prepare`` adjusts the options first (inside the error handling)."""
     out = options.out
     with _eval_errors(out):
+        if prepare is not None:
+            options = prepare(options)
         options, bench = options.with_defaults(task_name)
         options.check()
         task = build(options, bench)
@@ -374,13 +476,21 @@ def _run_eval(task_name: str, options: RunOptions, build: BuildTask, prompt: str
         )
     elif gen:
         typer.echo("nothing left to generate: every sample was already on disk; scored again", err=True)
-    rows = [(k, str(v)) for k, v in payload["metrics"].items()]
+    decimals = 1 if task_name == "chair" else 2
+    intervals = payload.get("intervals") or {}
+    rows = [
+        (f"{k} {direction(k)}".strip(), f"{v}  {_interval_text(intervals.get(k), decimals)}")
+        for k, v in payload["metrics"].items()
+    ]
     samples = payload["samples"]
-    notes = [f"{samples['scored']} of {samples['total']} samples scored, {samples['errors']} errors"]
+    notes = [
+        f"{samples['scored']} of {samples['total']} samples scored, {samples['errors']} errors; "
+        "[95% bootstrap interval over images]"
+    ]
     _show(f"steer eval {task_name} - {payload['method']}", rows, notes)
     typer.echo(
         f"samples: {out / journal.SAMPLES_FILE}; metrics: {out / report.METRICS_FILE}; "
-        f"report: {out / report.REPORT_FILE}",
+        f"report: {out / report.REPORT_FILE}, {out / html_report.HTML_FILE}",
         err=True,
     )
 
@@ -406,7 +516,8 @@ _FORCE_RECIPE = typer.Option(
 _IMAGES = typer.Option(
     None,
     "--images",
-    help="Folder with the COCO val2014 images (COCO_val2014_*.jpg); default with builtin:demo: the built-in split.",
+    help="Folder with the COCO val2014 images (COCO_val2014_*.jpg), or a Hugging Face dataset with an image "
+    "column (save_to_disk folder or .parquet); default with builtin:demo: the built-in split.",
 )
 _NUM_IMAGES = typer.Option(500, "--num-images", help="Number of images to evaluate.")
 _BATCH = typer.Option(
@@ -429,6 +540,16 @@ _TEMPLATE = typer.Option(
     "auto", "--template", help="auto, llava_v1, chat (processor chat template) or plain."
 )
 _BEAMS = typer.Option(1, "--num-beams", help="Beam count (1 = greedy).")
+_SAMPLE = typer.Option(
+    False, "--do-sample", help="Sample instead of greedy/beam decoding (seeded by --seed)."
+)
+_TEMPERATURE = typer.Option(
+    None, "--temperature", help="Sampling temperature (with --do-sample; default 1.0)."
+)
+_TOP_P = typer.Option(None, "--top-p", help="Nucleus sampling mass (with --do-sample; default 1.0).")
+_SEED = typer.Option(
+    0, "--seed", help="Seed of every batch (derived from it and the batch's first sample); part of the run."
+)
 _RETRY = typer.Option(
     False, "--retry-errors", help="On resume, generate again the samples recorded as errors."
 )
@@ -456,6 +577,10 @@ def eval_chair(
     attn_implementation: str | None = _ATTN,
     template: str = _TEMPLATE,
     num_beams: int = _BEAMS,
+    do_sample: bool = _SAMPLE,
+    temperature: float | None = _TEMPERATURE,
+    top_p: float | None = _TOP_P,
+    seed: int = _SEED,
     retry_errors: bool = _RETRY,
     progress: bool = _PROGRESS,
     image_ids: Path | None = typer.Option(
@@ -467,7 +592,10 @@ def eval_chair(
         CHAIR_PROMPT, "--prompt", help="The user text (spec: CHAIR's standard prompt)."
     ),
     gt_objects: Path | None = typer.Option(
-        None, "--gt-objects", help="Ground-truth map (default: shipped COCO map; builtin:demo: its split's)."
+        None,
+        "--gt-objects",
+        help="Ground truth: a map {image_id: [objects]} or a COCO instances JSON (default: shipped COCO map; "
+        "builtin:demo: its split's).",
     ),
     synonyms: Path | None = typer.Option(
         None,
@@ -479,7 +607,8 @@ def eval_chair(
         False, help="Cut captions not ending in .!? after their last '.'."
     ),
 ) -> None:
-    """Caption COCO images and score CHAIR_s / CHAIR_i / Recall / Len; resumable (same command, same --out)."""
+    """Caption COCO images and score CHAIR_s / CHAIR_i / Recall / Len / Precision / F1 with 95% intervals;
+    resumable (same command, same --out). Protocol and rules: docs/chair.md."""
     options = RunOptions.from_values(locals())
 
     def build(options: RunOptions, bench: Bench | None) -> Task:
@@ -491,7 +620,9 @@ def eval_chair(
             prompt=prompt,
             lineage=lineage,
             truncate_incomplete=truncate_incomplete,
-            synonyms=synonyms or (bench().synonyms if bench is not None else None),
+            synonyms=synonyms
+            or (_builtin_synonyms(gt_objects) if gt_objects is not None and gt_objects.is_file() else None)
+            or (bench().synonyms if bench is not None else None),
         )
 
     _run_eval("chair", options, build, prompt)
@@ -523,9 +654,19 @@ def eval_pope(
     attn_implementation: str | None = _ATTN,
     template: str = _TEMPLATE,
     num_beams: int = _BEAMS,
+    do_sample: bool = _SAMPLE,
+    temperature: float | None = _TEMPERATURE,
+    top_p: float | None = _TOP_P,
+    seed: int = _SEED,
     retry_errors: bool = _RETRY,
     progress: bool = _PROGRESS,
-    questions: Path | None = typer.Option(None, "--questions", help="POPE question file (one --split)."),
+    questions: Path | None = typer.Option(
+        None,
+        "--questions",
+        help="POPE question file (one --split), or a Hugging Face dataset of questions (question, answer, image "
+        "or its file name, optional category column as lmms-lab/POPE; save_to_disk folder or .parquet): its "
+        "images are used when --images is not given.",
+    ),
     questions_dir: Path | None = typer.Option(
         None,
         "--questions-dir",
@@ -534,22 +675,32 @@ def eval_pope(
     pope_version: str = typer.Option(
         "2023-08", "--pope-version", help="2023-08 (LLaVA-1.5 anchors) or current."
     ),
-    prompt: str = typer.Option("llava", "--prompt", help="llava, vcd or raw (specs/pope.md)."),
+    prompt: str = typer.Option("llava", "--prompt", help="llava, vcd or raw (docs/pope.md)."),
     parser: str = typer.Option("official", "--parser", help="official, opera or strict."),
 ) -> None:
-    """Ask POPE yes/no questions and score accuracy / precision / recall / F1 / yes-ratio; resumable."""
+    """Ask POPE yes/no questions and score Accuracy / Precision / Recall / F1 / Yes-ratio / Off-format with 95%
+    intervals; resumable. Protocol and rules: docs/pope.md."""
     options = RunOptions.from_values(locals())
+
+    def prepare(options: RunOptions) -> RunOptions:
+        if options.images is None and questions is not None and formats.has_image_column(questions):
+            return dataclasses.replace(options, images=questions)  # the questions' own images
+        return options
 
     def build(options: RunOptions, bench: Bench | None) -> Task:
         splits = _expand_splits(split or (["all"] if bench is not None else ["random"]))
         question_files = None
+        question_file = questions
         if bench is not None and questions is None and questions_dir is None:  # the built-in split's own
             question_files = {s: bench().pope_questions(s) for s in pope.SPLITS}
+        elif formats.is_dataset(questions):
+            assert questions is not None
+            question_files, question_file = formats.pope_question_files(questions, splits), None
         return pope_task(
             options.images_dir,
             splits=splits,
             question_files=question_files,
-            questions=questions,
+            questions=question_file,
             questions_dir=questions_dir,
             version=pope_version,
             num_images=options.num_images,
@@ -557,20 +708,76 @@ def eval_pope(
             parser=parser,
         )
 
-    _run_eval("pope", options, build, POPE_PROMPTS.get(prompt, prompt))
+    _run_eval("pope", options, build, POPE_PROMPTS.get(prompt, prompt), prepare)
 
 
 @eval_app.command("compare")
 def eval_compare(
     runs: list[Path] = typer.Argument(
-        ..., help="Run folders (finished: with metrics.json); deltas against the first."
+        ...,
+        help="Run folders (finished: with metrics.json) of one task on the same data; Δ against the first.",
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the table's data as JSON."),
+    fmt: str = typer.Option("text", "--format", help="text (fits 80 columns), md, csv or json."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Also draw a bar chart of the metrics with their intervals (.png)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Compare runs of different data anyway (with a warning)."
+    ),
 ) -> None:
-    """One table of the runs: method, model, settings, metrics and deltas against the first run."""
+    """Metric rows by run columns: each value with its bootstrap 95% interval, each Δ against run 1 with the
+    interval of a paired bootstrap (~ marks a Δ whose interval contains 0); ↓/↑ per metric."""
     with _clean_errors():
-        if as_json:
-            _echo_json(report.compare_rows(runs))
-            return
-        table = report.compare_table(runs)
-    Console().print(table)
+        check_choice("json" if as_json else fmt, compare.FORMATS, "--format")
+        data = compare.compare_data(runs, force=force)
+        text = compare.format_compare(data, "json" if as_json else fmt)
+        if plot is not None:
+            from steer.evals import plots
+
+            drawn = plots.metric_bars(data, plot)
+    for warning in data["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if plot is not None:
+        typer.echo(f"chart: {drawn}", err=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# steer show: one picture of what a method did (steer.evals.show), mounted on the top-level app
+# --------------------------------------------------------------------------------------------------
+
+
+def show_command(
+    model: str = typer.Option(..., "--model", help="Model folder, hub id or builtin:demo."),
+    image: Path = typer.Option(..., "--image", help="The input image."),
+    method: str = typer.Option(..., "--method", "-m", help="fastervlm, vhr, cca, vista or var."),
+    param: list[str] = typer.Option([], "--param", "-p", help="Method parameter NAME=VALUE (JSON value)."),
+    prompt: str | None = typer.Option(None, "--prompt", help="User text (default: the CHAIR prompt)."),
+    out: Path | None = typer.Option(None, "--out", help="PNG to write (default: show-<method>.png)."),
+    max_new_tokens: int = typer.Option(
+        16, "--max-new-tokens", help="Tokens generated without and with the method."
+    ),
+) -> None:
+    """One picture of what a method did on one image, drawn from its Steering.state: kept tokens (fastervlm),
+    chosen heads (vhr), concentric positions (cca), steering-vector norms (vista), visual sinks (var)."""
+    from steer.evals.options import method_params
+    from steer.evals.show import show
+
+    target = out or Path(f"show-{method}.png")
+    with _eval_errors():
+        if max_new_tokens < 1:
+            raise EvalInputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        shown = show(
+            model,
+            image,
+            method,
+            params=method_params(param, [method]).get(method, method_params(param, [])),
+            prompt=prompt,
+            out=target,
+            max_new_tokens=max_new_tokens,
+        )
+    typer.echo(f"without {method}: {shown.answers['without']!r}")
+    typer.echo(f"with {method}:    {shown.answers['with']!r}")
+    typer.echo(f"picture: {shown.path} ({shown.picture.width}x{shown.picture.height})", err=True)

@@ -13,7 +13,22 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from steer.evals.loading import LoadedModel
 
-__all__ = ["count_tokens", "generate_batch", "open_image"]
+__all__ = ["batch_seed", "count_tokens", "generate_batch", "open_image", "seed_batch"]
+
+
+def batch_seed(seed: int, key: str) -> int:
+    """The seed of the batch whose first sample is ``key``: a function of the run's seed and that sample only,
+    so a resumed or sharded run seeds each batch as an uninterrupted one with the same batches would."""
+    import hashlib
+
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
+
+
+def seed_batch(seed: int, key: str) -> None:
+    """Seed torch's generators (CPU and every CUDA device) for the batch starting at ``key``."""
+    import torch
+
+    torch.manual_seed(batch_seed(seed, key))
 
 
 def open_image(path: Path) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import EvalInputError
-from steer.evals import builtin
+from steer.evals import builtin, formats
 from steer.evals.loading import DTYPES, quantization_config, resolve_model_name
 from steer.evals.prompts import TEMPLATES
 from steer.evals.settings import EvalSettings
@@ -84,6 +84,10 @@ class RunOptions:
     attn_implementation: str | None = None
     template: str = "auto"
     num_beams: int = 1
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int = 0
     retry_errors: bool = False
     progress: bool = True
 
@@ -113,7 +117,8 @@ class RunOptions:
         """The options with what was left unset filled in, and the built-in benchmark (``None`` unless
         ``--model builtin:demo``).
 
-        With ``builtin:demo`` the defaults come from the built-in benchmark (its images, batch 16, short
+        ``--images`` naming a Hugging Face dataset (`steer.evals.formats`) is replaced by the folder of its
+        images (written once into the zoo cache). With ``builtin:demo`` the defaults come from the built-in benchmark (its images, batch 16, short
         generations, the ``plain`` template the demo model was trained on). The split is written to the zoo
         cache on the first call of the returned function only, so a run whose own files replace all of the
         split's never writes it.
@@ -133,6 +138,8 @@ class RunOptions:
                     f"steer eval {task_name} --model {builtin.BUILTIN_DEMO}"
                 )
             filled["images"] = bench().images
+        elif formats.is_dataset(self.images):
+            filled["images"] = formats.extract_images(self.images, progress=self.progress)
         if bench is not None and self.template == "auto":
             filled["template"] = "plain"
         return dataclasses.replace(self, **filled), bench
@@ -141,8 +148,9 @@ class RunOptions:
         """Refuse bad values before anything is loaded (call after :meth:`with_defaults`).
 
         Raises:
-            EvalInputError: a count below 1, an unknown dtype or template, both quantizations, or quantization
-                without bitsandbytes.
+            EvalInputError: a count below 1, a negative seed, a temperature <= 0, a top-p outside (0, 1],
+                --temperature/--top-p without --do-sample, an unknown dtype or template, both quantizations, or
+                quantization without bitsandbytes.
         """
         for option, value in (
             ("--batch-size", self.batch_size),
@@ -151,6 +159,19 @@ class RunOptions:
         ):
             if value is None or value < 1:
                 raise EvalInputError(f"{option} must be >= 1, got {value}")
+        if self.seed < 0:
+            raise EvalInputError(f"--seed must be >= 0, got {self.seed}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise EvalInputError(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise EvalInputError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.do_sample and (self.temperature is not None or self.top_p is not None):
+            given = [
+                o for o, v in (("--temperature", self.temperature), ("--top-p", self.top_p)) if v is not None
+            ]
+            raise EvalInputError(
+                f"{' and '.join(given)} act only when sampling: add --do-sample (greedy decoding ignores them)"
+            )
         check_choice(self.dtype, DTYPES, "--dtype")
         check_choice(self.template, TEMPLATES, "--template")
         if self.load_in_4bit or self.load_in_8bit:
@@ -178,6 +199,10 @@ class RunOptions:
             prompt=prompt,
             max_new_tokens=self.max_new_tokens,
             num_beams=self.num_beams,
+            do_sample=self.do_sample,
+            temperature=1.0 if self.temperature is None else float(self.temperature),
+            top_p=1.0 if self.top_p is None else float(self.top_p),
+            seed=self.seed,
             selection=selection,
             batch_size=self.batch_size,
             device_map=device_map if isinstance(device_map, (str, type(None))) else str(device_map),

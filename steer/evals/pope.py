@@ -1,4 +1,4 @@
-"""POPE: yes/no object-probing hallucination scoring (Li et al., EMNLP 2023), spec ``shared/specs/pope.md``.
+"""POPE: yes/no object-probing hallucination scoring (Li et al., EMNLP 2023); rules and anchors: ``docs/pope.md``.
 
 Answers are joined to questions on ``question_id`` only (never by line order). Positive class = yes:
 TP = label yes & predicted yes, FP = label no & predicted yes, TN = label no & predicted no,
@@ -314,7 +314,10 @@ def load_answers(path: str | Path) -> list[Answer]:
     """Read answers: steer's ``{question_id, image, text, label, answer, [questions_md5]}`` records or LLaVA's
     ``{question_id, prompt, text}`` records (``text`` = the answer), JSON lines or a JSON array."""
     path = Path(path)
-    return [_answer_from(item, f"{path}:{where}") for where, item in _records(path, _read_bytes(path))]
+    answers = [_answer_from(item, f"{path}:{where}") for where, item in _records(path, _read_bytes(path))]
+    if not answers:
+        raise EvalInputError(f"{path}: no answers (an empty file scores nothing, not a perfect score)")
+    return answers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +364,8 @@ def score_answers(
     """
     if parser not in PARSERS:
         raise EvalInputError(f"unknown POPE parser {parser!r}; expected one of {', '.join(PARSERS)}")
+    if not answers:
+        raise EvalInputError("no answers to score (an empty input scores nothing, not a perfect score)")
     md5s = {a.questions_md5 for a in answers if a.questions_md5 is not None}
     foreign = md5s - {questions.md5}
     if foreign:

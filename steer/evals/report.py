@@ -1,18 +1,23 @@
-"""Run outputs of ``steer eval``: ``metrics.json``, ``report.md``, and the ``steer eval compare`` table.
+"""Run outputs of ``steer eval``: ``metrics.json``, ``per_image.json`` and ``report.md``.
 
 ``metrics.json``::
 
     {"task": "chair" | "pope", "run_dir", "settings": {...}, "settings_hash", "resolved": {...},
      "samples": {"total", "scored", "errors"},
-     "metrics": {"CHAIRs", "CHAIRi", "Recall", "Len", "Precision", "F1"}            # CHAIR, percent (Len: tokens)
+     "metrics": {"CHAIR_s", "CHAIR_i", "Recall", "Len", "Precision", "F1"}          # CHAIR, percent (Len: tokens)
               | {"Accuracy", "Precision", "Recall", "F1", "Yes-ratio", "Off-format"}  # POPE, one split, percent
               | {"F1 (mean)", "Accuracy (mean)", "<metric> (<split>)", ...},          # POPE, several splits
+     "intervals": {metric: [lo, hi]},      # bootstrap 95% over images (steer.evals.bootstrap)
+     "bootstrap": {...how the intervals were computed...},
+     "provenance": {...versions, git commit, device, dtype, model files and hash, seed, decoding, methods...},
      "details": {...the scorer's config, fractions and raw counts...},
      "generation": {...what the last invocation generated, its time and throughput...},
      "steer_version"}
 
-``report.md`` holds the settings, the metrics, the published anchors of the specs for the same model (LLaVA-1.5-7B
-baselines from ``specs/chair.md`` and ``specs/pope.md``), examples of hallucinated objects and the errors.
+``per_image.json`` holds the per-image counts behind the metrics (what `steer eval compare` resamples for the
+interval of a difference). ``report.md`` holds the settings, the metrics with their intervals, the provenance,
+the published anchors for the same model (LLaVA-1.5-7B baselines, ``docs/chair.md`` and ``docs/pope.md``),
+examples of hallucinated objects and the errors; ``report.html`` (`steer.evals.html`) the same with pictures.
 """
 
 from __future__ import annotations
@@ -26,20 +31,28 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import EvalInputError
-from steer.evals.settings import EvalSettings, flatten, write_json_atomic
+from steer.evals import bootstrap
+from steer.evals.metrics import canonical_metrics, direction
+from steer.evals.provenance import provenance
+from steer.evals.settings import EvalSettings, write_json_atomic
 
 __all__ = [
     "ANCHORS",
+    "METRICS_FILE",
+    "PER_IMAGE_FILE",
+    "REPORT_FILE",
     "anchors_for",
-    "compare_rows",
-    "compare_table",
     "load_run",
+    "load_units",
     "metrics_payload",
+    "off_format_notes",
     "write_metrics",
     "write_report",
+    "write_units",
 ]
 
 METRICS_FILE = "metrics.json"
+PER_IMAGE_FILE = "per_image.json"
 REPORT_FILE = "report.md"
 
 _POPE_RANDOM_2023_08 = {
@@ -53,7 +66,7 @@ ANCHORS: list[dict[str, Any]] = [
     {
         "model": "LLaVA-1.5-7B",
         "task": "chair",
-        "metrics": {"CHAIRs": 45.0, "CHAIRi": 12.8, "Recall": 79.8, "Len": 96.9},
+        "metrics": {"CHAIR_s": 45.0, "CHAIR_i": 12.8, "Recall": 79.8, "Len": 96.9},
         "protocol": {
             "selection.source": "opera500",
             "max_new_tokens": 512,
@@ -62,7 +75,7 @@ ANCHORS: list[dict[str, Any]] = [
         },
         "description": "OPERA-500 COCO val2014 images, 'Please describe this image in detail.', greedy, "
         "512 new tokens, original CHAIR lineage (OPERA log; exact counts 225/500, 478/3739, 1216/1524)",
-        "source": "specs/chair.md, Anchor",
+        "source": "docs/chair.md, Anchor",
     },
     {
         "model": "LLaVA-1.5-7B",
@@ -77,7 +90,7 @@ ANCHORS: list[dict[str, Any]] = [
         },
         "description": "2023-08 random file (2910 questions), LLaVA prompt in vicuna_v1, greedy, official parser "
         "(TP 1183, FP 31, TN 1379, FN 317)",
-        "source": "specs/pope.md, Anchors (LLaVA issue #626)",
+        "source": "docs/pope.md, Anchors (LLaVA issue #626)",
     },
     {
         "model": "LLaVA-1.5-7B",
@@ -91,7 +104,7 @@ ANCHORS: list[dict[str, Any]] = [
             "template": "llava_v1",
         },
         "description": "2023-08 popular file, same protocol; values other than F1 and Recall are approximate",
-        "source": "specs/pope.md, Anchors",
+        "source": "docs/pope.md, Anchors",
     },
     {
         "model": "LLaVA-1.5-7B",
@@ -105,7 +118,7 @@ ANCHORS: list[dict[str, Any]] = [
             "template": "llava_v1",
         },
         "description": "2023-08 adversarial file, same protocol; values other than F1 and Recall are approximate",
-        "source": "specs/pope.md, Anchors",
+        "source": "docs/pope.md, Anchors",
     },
 ]
 """Published baselines from the specs, with the protocol conditions a run must meet to be comparable."""
@@ -132,6 +145,8 @@ def metrics_payload(
     import steer
 
     errors = sum(1 for r in records if r.get("error"))
+    settings_dict = settings.to_dict()
+    units = scores.get("units")
     generation = None
     if stats is not None:
         seconds = float(stats.get("seconds") or 0.0)
@@ -140,12 +155,15 @@ def metrics_payload(
     return {
         "task": task,
         "run_dir": str(run_dir),
-        "settings": settings.to_dict(),
+        "settings": settings_dict,
         "settings_hash": settings.stable_hash(),
         "method": settings.method_label,
         "resolved": dict(resolved),
         "samples": {"total": len(records), "scored": len(records) - errors, "errors": errors},
         "metrics": dict(scores["metrics"]),
+        "intervals": dict(scores.get("intervals") or {}),
+        "bootstrap": bootstrap.describe(len(units)) if units is not None else None,
+        "provenance": provenance(settings_dict, resolved),
         "details": scores["details"],
         "generation": generation,
         "steer_version": getattr(steer, "__version__", None),
@@ -160,8 +178,32 @@ def write_metrics(run_dir: Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def write_units(run_dir: Path, units: bootstrap.Units) -> Path:
+    """Write ``RUN_DIR/per_image.json`` (the per-image counts behind the metrics); return its path."""
+    path = Path(run_dir) / PER_IMAGE_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(units.to_json(), separators=(",", ":")) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_units(run_dir: Path) -> bootstrap.Units | None:
+    """The per-image counts of a run (``None`` for runs written before ``per_image.json`` existed)."""
+    path = Path(run_dir) / PER_IMAGE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise EvalInputError(f"{path}: unreadable ({err})") from None
+    try:
+        return bootstrap.Units.from_json(data)
+    except EvalInputError as err:
+        raise EvalInputError(f"{path}: {err}") from None
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
-    """The ``metrics.json`` of a finished run.
+    """The ``metrics.json`` of a finished run (metric names of older runs made canonical).
 
     Raises:
         EvalInputError: no such folder, or no (readable) ``metrics.json`` in it (the run is unfinished).
@@ -179,6 +221,8 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         raise EvalInputError(f"{path}: unreadable ({err})") from None
     if not isinstance(data, dict) or "metrics" not in data or "settings" not in data:
         raise EvalInputError(f"{path}: not a steer eval metrics file")
+    data["metrics"] = canonical_metrics(data["metrics"])
+    data["intervals"] = canonical_metrics(data.get("intervals") or {})
     return data
 
 
@@ -344,13 +388,97 @@ def _anchor_lines(payload: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def off_format_notes(
+    metrics: Mapping[str, Any], scored: Sequence[Mapping[str, Any]], suffix: str = ""
+) -> list[str]:
+    """Why a POPE run has off-format answers, in words (empty when it has none).
+
+    ``metrics`` holds ``Off-format{suffix}`` and ``Yes-ratio{suffix}`` in percent; ``scored`` the scored
+    records. When every yes is an off-format answer (the off-format rate equals the yes-ratio, e.g. a model
+    that answers ``"moon yes"``), the parser read those answers as yes: the numbers are right for the parser,
+    the answers are just not in the yes/no form.
+    """
+    off, yes = metrics.get(f"Off-format{suffix}"), metrics.get(f"Yes-ratio{suffix}")
+    if not off:
+        return []
+    examples = list(dict.fromkeys(r["answer"] for r in scored if r.get("off_format")))[:3]
+    shown = ", ".join(repr(a) for a in examples)
+    off_yes = sum(1 for r in scored if r.get("off_format") and r.get("prediction") == "yes")
+    n_off = sum(1 for r in scored if r.get("off_format"))
+    if yes is not None and abs(float(off) - float(yes)) < 0.01 and n_off and off_yes == n_off:
+        return [
+            f"Off-format{suffix} {off} equals the yes-ratio: every answer read as yes is off-format "
+            f"(e.g. {shown}). The model answers yes in its own words; the parser reads an answer without "
+            "'no'/'not' as yes, so the metrics stand, but an exact-match parser (--parser strict) would "
+            "count these as unknown."
+        ]
+    return [
+        f"Off-format{suffix} {off}: answers that are not a bare yes/no (e.g. {shown}); the parser decided them "
+        "(yes unless they say no/not)."
+    ]
+
+
+def _metric_rows(payload: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    intervals = payload.get("intervals") or {}
+    rows = []
+    for name, value in payload["metrics"].items():
+        interval = intervals.get(name)
+        rows.append(
+            (
+                f"{name} {direction(name)}".strip(),
+                _fmt(value),
+                f"[{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "",
+            )
+        )
+    return rows
+
+
+def _provenance_lines(payload: Mapping[str, Any]) -> list[str]:
+    prov = payload.get("provenance")
+    if not prov:
+        return []
+    model = prov.get("model") or {}
+    weights = model.get("weights") or {}
+    git = prov.get("git") or {}
+    rows: list[tuple[str, Any]] = [
+        ("versions", ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)),
+        ("python / platform", f"{prov.get('python')} / {prov.get('platform')}"),
+        (
+            "git commit",
+            (git.get("commit", "") + (" (dirty)" if git.get("dirty") else "")) if git else "not a checkout",
+        ),
+        ("device / dtype", f"{prov.get('device')} / {prov.get('dtype')}"),
+        ("quantization / attention", f"{prov.get('quantization')} / {prov.get('attn_implementation')}"),
+        ("model", f"{model.get('name')} ({model.get('source')})"),
+        ("model files", model.get("path")),
+        ("revision", model.get("revision")),
+        ("weights sha256", weights.get("sha256")),
+        ("seed", prov.get("seed")),
+        (
+            "decoding",
+            (prov.get("generation") or {}).get("effective") or (prov.get("generation") or {}).get("kwargs"),
+        ),
+        ("template / prompt", f"{prov.get('template')} / {prov.get('prompt')!r}"),
+        ("methods", prov.get("method_params") or "none (baseline)"),
+    ]
+    return [
+        "## Provenance",
+        "",
+        f"Recorded {prov.get('recorded')}.",
+        "",
+        *_table(["what", "value"], rows),
+        "",
+    ]
+
+
 def write_report(
     run_dir: Path,
     payload: Mapping[str, Any],
     records: Sequence[Mapping[str, Any]],
     scores: Mapping[str, Any],
 ) -> Path:
-    """Write ``RUN_DIR/report.md``: settings, metrics, anchors, hallucination examples, errors."""
+    """Write ``RUN_DIR/report.md``: settings, metrics with intervals, provenance, anchors, hallucination
+    examples, errors."""
     settings = payload["settings"]
     resolved = payload.get("resolved") or {}
     task = payload["task"]
@@ -364,18 +492,20 @@ def write_report(
     ]
     rows = [(k, v) for k, v in settings.items() if k != "selection"]
     rows += [(f"selection.{k}", v) for k, v in (settings.get("selection") or {}).items()]
-    rows += [(f"resolved.{k}", v) for k, v in resolved.items()]
+    rows += [(f"resolved.{k}", v) for k, v in resolved.items() if k != "provenance"]
     lines += _table(["setting", "value"], rows)
     samples = payload["samples"]
     lines += [
         "",
         "## Metrics",
         "",
-        f"{samples['scored']} of {samples['total']} samples scored, {samples['errors']} errors.",
+        f"{samples['scored']} of {samples['total']} samples scored, {samples['errors']} errors. "
+        "Intervals: bootstrap 95% over images (↓ lower is better, ↑ higher is better).",
         "",
     ]
-    lines += _table(["metric", "value"], [(k, _fmt(v)) for k, v in payload["metrics"].items()])
+    lines += _table(["metric", "value", "95% interval"], _metric_rows(payload))
     details = payload["details"]
+    scored = scores.get("scored") or []
     if task == "chair":
         counts = details["overall"]["counts"]
         lines += [
@@ -386,21 +516,28 @@ def write_report(
             f"lineage {details['config']['lineage']}.",
         ]
     else:
+        multi = len(details["splits"]) > 1
         for split, row in details["splits"].items():
             lines.append("")
             lines.append(
-                f"{split}: n {row['n']}, TP {row['tp']}, FP {row['fp']}, TN {row['tn']}, FN {row['fn']}, "
-                f"unknown {row['unknown']}, missing {row['missing']}."
+                f"{split}: n {row['n']}, TP {row['tp']}, FP {row['fp']}, TN {row['tn']}, "
+                f"FN {row['fn']}, unknown {row['unknown']}, missing {row['missing']}."
             )
-        if len(details["splits"]) > 1 and not details["checks"]["recall_equal_across_splits"]:
+            notes = off_format_notes(
+                payload["metrics"],
+                [r for r in scored if r.get("split") == split],
+                f" ({split})" if multi else "",
+            )
+            lines += ["", *notes] if notes else []
+        if multi and not details["checks"]["recall_equal_across_splits"]:
             lines += [
                 "",
                 "Warning: TP/FN differ across splits although the positives are identical "
                 "(nondeterminism, batching or padding).",
             ]
     lines.append("")
+    lines += _provenance_lines(payload)
     lines += _anchor_lines(payload)
-    scored = scores.get("scored") or []
     lines += _chair_examples(scored) if task == "chair" else _pope_examples(scored)
     errors = [r for r in records if r.get("error")]
     lines += ["## Errors", ""]
@@ -416,101 +553,3 @@ def write_report(
     path = Path(run_dir) / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
-
-
-# --------------------------------------------------------------------------------------------------
-# compare
-# --------------------------------------------------------------------------------------------------
-
-_COMPARE_SKIP = {"methods", "params", "recipe", "model"}
-
-
-def _settings_summary(payload: Mapping[str, Any]) -> dict[str, Any]:
-    settings = payload["settings"]
-    flat = {k: v for k, v in flatten(settings).items() if k.split(".")[0] not in _COMPARE_SKIP}
-    if payload.get("method") != "baseline":
-        flat["params"] = json.dumps(
-            (payload.get("resolved") or {}).get("params") or settings.get("params") or {}
-        )
-    return flat
-
-
-def compare_rows(run_dirs: Sequence[Path]) -> dict[str, Any]:
-    """The data of the compare table: ``{"metrics": [names], "runs": [{run, task, method, model, settings,
-    samples, metrics, deltas}]}``; ``deltas`` are against the first run (``None`` where a metric is missing)."""
-    if not run_dirs:
-        raise EvalInputError("give at least one run folder")
-    payloads = [load_run(Path(d)) for d in run_dirs]
-    names: list[str] = []
-    for p in payloads:
-        names += [k for k in p["metrics"] if k not in names]
-    first = payloads[0]
-    base_settings = _settings_summary(first)
-    runs = []
-    for i, (run_dir, p) in enumerate(zip(run_dirs, payloads)):
-        mine = _settings_summary(p)
-        if i == 0:
-            keys = ("max_new_tokens", "num_beams", "dtype", "template", "selection.n")
-            setting_text = ", ".join(f"{k}={mine[k]}" for k in keys if k in mine)
-        else:
-            diff = [
-                f"{k}={mine.get(k)}"
-                for k in sorted(set(mine) | set(base_settings))
-                if mine.get(k) != base_settings.get(k)
-            ]
-            setting_text = ", ".join(diff) if diff else "same as run 1"
-        deltas = {
-            k: (
-                None
-                if k not in p["metrics"] or k not in first["metrics"]
-                else p["metrics"][k] - first["metrics"][k]
-            )
-            for k in names
-        }
-        runs.append(
-            {
-                "run": str(run_dir),
-                "task": p["task"],
-                "method": p.get("method", "?"),
-                "model": Path(str(p["settings"]["model"])).name,
-                "settings": setting_text,
-                "samples": p["samples"],
-                "metrics": p["metrics"],
-                "deltas": deltas,
-            }
-        )
-    return {"metrics": names, "runs": runs}
-
-
-def compare_table(run_dirs: Sequence[Path]) -> Any:
-    """A ``rich`` table of the runs: method, model, settings (differences from run 1), samples, every metric
-    with its delta against run 1."""
-    from rich.table import Table
-
-    data = compare_rows(run_dirs)
-    tasks = {r["task"] for r in data["runs"]}
-    table = Table(title=f"steer eval compare ({', '.join(sorted(tasks))}; Δ against run 1)")
-    for column in ("#", "run", "method", "model", "settings", "n"):
-        table.add_column(column, overflow="fold")
-    for name in data["metrics"]:
-        table.add_column(name, justify="right")
-    for i, run in enumerate(data["runs"], 1):
-        cells = [
-            str(i),
-            run["run"],
-            run["method"],
-            run["model"],
-            run["settings"],
-            f"{run['samples']['scored']}"
-            + (f" ({run['samples']['errors']} err)" if run["samples"]["errors"] else ""),
-        ]
-        for name in data["metrics"]:
-            value, delta = run["metrics"].get(name), run["deltas"].get(name)
-            if value is None:
-                cells.append("—")
-            elif i == 1 or delta is None:
-                cells.append(_fmt(value))
-            else:
-                cells.append(f"{_fmt(value)} ({delta:+.2f})")
-        table.add_row(*cells)
-    return table

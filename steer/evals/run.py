@@ -11,10 +11,13 @@ A run lives in one folder (``RUN_DIR``):
   (`steer.evals.sharding`) and appends to ``samples.rank{k}.jsonl``; after a barrier, process 0 merges every
   sample file into ``samples.jsonl``, removes the shard files, and scores. The merged file is the same as a
   single-process run's.
-* ``metrics.json`` and ``report.md``: written by `steer.evals.report` after scoring.
+* ``metrics.json``, ``per_image.json`` and ``report.md`` (`steer.evals.report`), ``report.html``
+  (`steer.evals.html_report`): written after scoring.
 
 Nothing is timed or randomised inside a sample record, so records of equal generations are byte-identical
-whichever way (batch size, number of processes, interruptions) they were produced.
+whichever way (batch size, number of processes, interruptions) they were produced. Each batch is seeded from
+the run's ``seed`` and its first sample (`steer.evals.generation.batch_seed`): greedy runs do not depend on it;
+sampled runs (``do_sample``) reproduce exactly for the same batch size and number of processes.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import EvalInputError
-from steer.evals import generation, journal, report
+from steer.evals import generation, html_report, journal, report
 from steer.evals.loading import LoadedModel
 from steer.evals.prompts import build_prompt
 from steer.evals.session import Loader
@@ -91,6 +94,7 @@ def _batch_records(
             results[sample.key] = task.record(sample, None, None, message)
     if ready:
         prompts = [build_prompt(s.text, template, loaded.model_type, loaded.processor) for s, _ in ready]
+        generation.seed_batch(settings.seed, ready[0][0].key)
         outputs = generation.generate_batch(
             loaded, prompts, [image for _, image in ready], settings.generation_kwargs
         )
@@ -144,10 +148,21 @@ def generate_shard(
     return stats
 
 
+def _image_paths(task: Task) -> dict[str, Path]:
+    """Each sample's image file by CHAIR image id and by POPE image name (for the HTML gallery)."""
+    paths: dict[str, Path] = {}
+    for sample in task.samples:
+        for field in ("image_id", "image"):
+            if field in sample.fields:
+                paths[str(sample.fields[field])] = sample.image_path
+    return paths
+
+
 def finish_run(
     task: Task, settings: EvalSettings, run_dir: Path, *, stats: GenerationStats | None = None
 ) -> dict[str, Any]:
-    """Merge the sample files, score, and write ``metrics.json`` and ``report.md`` (process 0 only).
+    """Merge the sample files, score, and write ``metrics.json``, ``per_image.json``, ``report.md`` and
+    ``report.html`` (process 0 only).
 
     Raises:
         EvalInputError: some selected samples have no record (a process stopped early): re-run to resume.
@@ -174,8 +189,11 @@ def finish_run(
         scores=scores,
         stats=dataclasses.asdict(stats) if stats is not None else None,
     )
+    if scores.get("units") is not None:
+        report.write_units(run_dir, scores["units"])
     report.write_metrics(run_dir, payload)
     report.write_report(run_dir, payload, records, scores)
+    html_report.write_html(run_dir, payload, scores.get("scored") or [], _image_paths(task))
     return payload
 
 

@@ -17,6 +17,7 @@ import steer
 from steer.errors import EvalInputError
 from steer.evals.loading import LoadedModel, load_model
 from steer.evals.prompts import build_prompt, resolve_template
+from steer.evals.provenance import environment, generation_record, model_record
 from steer.evals.settings import EvalSettings, record_resolved
 
 __all__ = ["Loader", "Session", "open_session", "session_loader"]
@@ -59,11 +60,13 @@ def _steer(loaded: LoadedModel, settings: EvalSettings) -> tuple[Any, str | None
     return handle, recipe_name, json.loads(json.dumps(handle.params, default=str))
 
 
-def open_session(settings: EvalSettings, *, device_map: Any = None) -> Session:
+def open_session(settings: EvalSettings, *, device_map: Any = None, record: bool = True) -> Session:
     """Load ``settings.model``, apply its recipe and methods, resolve the prompt template.
 
     ``device_map`` is the one to load with (under ``accelerate launch``: this process's device); the rest comes
-    from ``settings`` (dtype, quantization, attention backend).
+    from ``settings`` (dtype, quantization, attention backend). ``record``: also collect the provenance
+    (versions, the model's files and weights hash: `steer.evals.provenance`), which only the process that
+    writes ``settings.json`` needs.
     """
     loaded = load_model(
         settings.model,
@@ -93,6 +96,12 @@ def open_session(settings: EvalSettings, *, device_map: Any = None) -> Session:
         "text_layers": getattr(text_config, "num_hidden_layers", None),
         **loaded.info,
     }
+    if record:
+        resolved["provenance"] = {
+            "environment": environment(),
+            "model": model_record(loaded.model, loaded.name, loaded.source),
+            "generation": generation_record(loaded.model, settings.generation_kwargs, settings.seed),
+        }
     return Session(loaded, template, handle, resolved)
 
 
@@ -104,7 +113,7 @@ def session_loader(
     sessions: list[Session] = []  # keeps the handle referenced
 
     def load() -> tuple[LoadedModel, str]:
-        session = open_session(settings, device_map=device_map)
+        session = open_session(settings, device_map=device_map, record=write)
         sessions.append(session)
         if write:
             record_resolved(run_dir, session.resolved)

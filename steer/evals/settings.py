@@ -83,20 +83,30 @@ class EvalSettings:
     max_new_tokens: int = 512
     num_beams: int = 1
     do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
     selection: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 1
     device_map: str | None = None
     images: str = ""
 
     NOT_HASHED: ClassVar[tuple[str, ...]] = ("batch_size", "device_map", "images", "force_recipe")
+    ADDED_LATER: ClassVar[dict[str, Any]] = {"temperature": 1.0, "top_p": 1.0, "seed": 0}
+    """Fields added after runs were made without them: hashed only when they differ from these defaults, so a
+    run made before they existed (with what are now their defaults) keeps its hash and still resumes."""
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as JSON-ready values."""
         return json.loads(_canonical_json(dataclasses.asdict(self)))
 
     def identity(self) -> dict[str, Any]:
-        """The hashed fields."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.NOT_HASHED}
+        """The hashed fields (fields of ``ADDED_LATER`` only when they are not at their defaults)."""
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in self.NOT_HASHED and not (k in self.ADDED_LATER and v == self.ADDED_LATER[k])
+        }
 
     def stable_hash(self) -> str:
         """sha256 (16 hex digits) of the canonical JSON of :meth:`identity`; stable across processes and runs."""
@@ -104,12 +114,16 @@ class EvalSettings:
 
     @property
     def generation_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``model.generate`` (greedy unless ``num_beams > 1``)."""
-        return {
+        """Keyword arguments of ``model.generate``: greedy (or beam search with ``num_beams > 1``), or sampling
+        with ``temperature`` and ``top_p`` when ``do_sample``."""
+        kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "do_sample": self.do_sample,
             "num_beams": self.num_beams,
         }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs
 
     @property
     def method_label(self) -> str:
@@ -178,12 +192,17 @@ def check_settings(run_dir: Path, settings: EvalSettings, *, write: bool = True)
     if existing["hash"] != digest and not journal.has_records(run_dir):
         # nothing was generated under the old settings (e.g. the model failed to load): start afresh
         if write:
-            for stale in ("metrics.json", "report.md"):
+            for stale in ("metrics.json", "report.md", "report.html", "per_image.json"):
                 (run_dir / stale).unlink(missing_ok=True)
             _write_settings(run_dir, settings)
         return False
     if existing["hash"] != digest:
-        old = {k: v for k, v in existing["settings"].items() if k not in EvalSettings.NOT_HASHED}
+        old = {
+            k: v
+            for k, v in existing["settings"].items()
+            if k not in EvalSettings.NOT_HASHED
+            and not (k in EvalSettings.ADDED_LATER and v == EvalSettings.ADDED_LATER[k])
+        }
         diff = _differences(old, settings.identity()) or ["(the settings format changed)"]
         raise SettingsMismatchError(
             f"{run_dir} holds a run with different settings (hash {existing['hash']} != {digest}); "

@@ -35,9 +35,9 @@ sun        umbrella   0.85                   0.10
 Free kinds: circle, square, triangle, heart, cross, ring, diamond, moon, fish, cat.
 
 Evaluation helpers (pure functions): `synonyms_text` is a CHAIR synonym table for the 20 kinds (the format of
-``shared/specs/chair.md``; parse it with `steer.evals.chair.parse_synonyms`), `gt_objects` the CHAIR ground truth
+``docs/chair.md``; parse it with `steer.evals.chair.parse_synonyms`), `gt_objects` the CHAIR ground truth
 of a scene list, and `pope_questions` the POPE questions (random / popular / adversarial, format of
-``shared/specs/pope.md``).
+``docs/pope.md``).
 """
 
 from __future__ import annotations
@@ -509,7 +509,7 @@ def pope_question(kind: str) -> str:
 def pope_questions(
     scenes: Sequence[Scene], split: str, seed: int = 0, per_image: int = 3
 ) -> list[dict[str, object]]:
-    """POPE questions for `scenes` (``shared/specs/pope.md`` format), one list per split.
+    """POPE questions for `scenes` (``docs/pope.md`` format), one list per split.
 
     Per scene, ``k = min(per_image, #present kinds)`` present kinds (label yes, chosen at random) and k absent
     kinds (label no), asked in the order yes, no, yes, no, ...; ``question_id`` runs 1..N. Absent kinds are

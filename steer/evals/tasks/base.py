@@ -59,7 +59,8 @@ class Task(ABC):
 
     @abstractmethod
     def score(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """``{"metrics": {name: value}, "details": {...}, "scored": [per-sample records]}`` of ``records``."""
+        """``{"metrics": {name: value}, "intervals": {name: [lo, hi]}, "units": bootstrap.Units, "details": {...},
+        "scored": [per-sample records]}`` of ``records``."""
 
 
 def list_images(images_dir: Path) -> dict[int, Path]:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import EvalInputError
-from steer.evals import chair
+from steer.evals import bootstrap, chair
+from steer.evals.metrics import chair_metrics
 from steer.evals.tasks.base import IMAGE_SUFFIXES, Sample, Task, data_candidates, list_images, md5_lines
 from steer.protocols import CHAIR_PROMPT
 
@@ -41,7 +42,8 @@ class ChairTask(Task):
         self.vocabulary = vocabulary
 
     def score(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """``{"metrics": {CHAIRs, CHAIRi, Recall, Len, Precision, F1} in percent, "details", "scored"}``."""
+        """``{"metrics": {CHAIR_s, CHAIR_i, Recall, Len, Precision, F1} in percent, "intervals"
+        (bootstrap 95% over images), "units" (per-image counts), "details", "scored"}``."""
         captions = [
             {"image_id": r["image_id"], "caption": r["caption"]} for r in records if not r.get("error")
         ]
@@ -55,16 +57,11 @@ class ChairTask(Task):
             truncate_incomplete=self.truncate_incomplete,
         )
         overall = result["overall"]
-        metrics = {
-            "CHAIRs": round(100 * overall["CHAIR_s"], 1),
-            "CHAIRi": round(100 * overall["CHAIR_i"], 1),
-            "Recall": round(100 * overall["Recall"], 1),
-            "Len": round(overall["Len"], 1),
-            "Precision": round(100 * overall["Precision"], 1),
-            "F1": round(100 * overall["F1"], 1),
-        }
+        units = bootstrap.chair_units(result["captions"])
         return {
-            "metrics": metrics,
+            "metrics": chair_metrics(overall),
+            "intervals": bootstrap.intervals(units),
+            "units": units,
             "details": {"config": result["config"], "overall": overall},
             "scored": result["captions"],
         }
@@ -139,7 +136,8 @@ def chair_task(
 ) -> ChairTask:
     """Select the CHAIR images and build the task.
 
-    ``synonyms`` is a CHAIR synonym table other than the shipped COCO one (e.g. the built-in benchmark's).
+    ``synonyms`` is a CHAIR synonym table other than the shipped COCO one (e.g. the built-in benchmark's); a
+    ground truth whose objects are not in the table is refused here, before anything is generated.
 
     Selection: the ids of ``image_ids`` (one per line) when given; else the OPERA-500 list when every one of its
     images is in ``images_dir``; else the image files sorted by id. The first ``num_images`` are kept. Image ids
@@ -163,6 +161,7 @@ def chair_task(
             + ", ".join(map(str, absent[:5]))
             + (" ..." if len(absent) > 5 else "")
         )
+    chair.check_vocabulary({i: gt.objects[i] for i in ids}, vocabulary or chair.load_vocabulary(), gt.source)
     samples = [
         Sample(
             key=str(i),

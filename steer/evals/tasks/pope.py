@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from steer.errors import EvalInputError
-from steer.evals import chair, pope
+from steer.evals import bootstrap, chair, pope
+from steer.evals.metrics import pope_metrics
 from steer.evals.tasks.base import Sample, Task, data_candidates, list_images
 from steer.protocols import POPE_PROMPTS
 
@@ -21,15 +22,6 @@ __all__ = ["POPE_VERSIONS", "PopeTask", "find_questions", "pope_task"]
 
 POPE_VERSIONS = ("2023-08", "current")
 """Question file versions: ``coco_pope_{split}_2023-08.json`` (LLaVA-1.5's anchors) or ``coco_pope_{split}.json``."""
-
-_METRIC_LABELS = {
-    "accuracy": "Accuracy",
-    "precision": "Precision",
-    "recall": "Recall",
-    "f1": "F1",
-    "yes_ratio": "Yes-ratio",
-    "off_format_rate": "Off-format",
-}
 
 
 class PopeTask(Task):
@@ -52,8 +44,8 @@ class PopeTask(Task):
         self.parser = parser
 
     def score(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """Per split: accuracy, precision, recall, F1, yes-ratio, off-format rate (percent); errors are left out
-        of the metrics and counted as ``missing``."""
+        """Per split: accuracy, precision, recall, F1, yes-ratio, off-format rate (percent) with bootstrap 95%
+        intervals over images; errors are left out of the metrics and counted as ``missing``."""
         splits: dict[str, Any] = {}
         scored: list[dict[str, Any]] = []
         for split, qset in self.questions.items():
@@ -78,13 +70,12 @@ class PopeTask(Task):
         metrics: dict[str, float] = {}
         if len(splits) == 1:
             (only,) = splits.values()
-            metrics = {label: round(100 * only[key], 2) for key, label in _METRIC_LABELS.items()}
+            metrics = pope_metrics(only)
         else:
             metrics["F1 (mean)"] = round(100 * summary["mean"]["f1"], 2)
             metrics["Accuracy (mean)"] = round(100 * summary["mean"]["accuracy"], 2)
             for split, row in splits.items():
-                for key, label in _METRIC_LABELS.items():
-                    metrics[f"{label} ({split})"] = round(100 * row[key], 2)
+                metrics.update(pope_metrics(row, f" ({split})"))
         details = {
             "config": {
                 "parser": self.parser,
@@ -96,7 +87,14 @@ class PopeTask(Task):
             "splits": splits,
             **summary,
         }
-        return {"metrics": metrics, "details": details, "scored": scored}
+        units = bootstrap.pope_units(scored, list(splits))
+        return {
+            "metrics": metrics,
+            "intervals": bootstrap.intervals(units),
+            "units": units,
+            "details": details,
+            "scored": scored,
+        }
 
 
 def find_questions(split: str, version: str, questions_dir: Path | None) -> Path:
