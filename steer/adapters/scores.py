@@ -1,9 +1,14 @@
 """Visual-token scores, recomputed from a vision layer's attention input (no ``output_attentions``).
 
-* :func:`cls_attention` — the [CLS] row of a CLIP attention layer (LLaVA-1.5, LLaVA-NeXT);
-* :func:`received_attention` — the mean attention each token receives in a Qwen vision block (no [CLS]).
+* :func:`cls_attention` — the [CLS] row of a CLIP-style attention layer (LLaVA-1.5, LLaVA-NeXT; InternViT,
+  whose q/k norms it applies);
+* :func:`received_attention` — the mean attention each token receives in a Qwen vision block (no [CLS]);
+* :func:`received_attention_dense` — the same for a SigLIP-style layer ([B, N, D] input, q/k projections:
+  LLaVA-OneVision, Gemma 3, SmolVLM), the fallback of towers without [CLS];
+* :func:`pool_scores` — patch scores averaged over the s x s patches each language-model token merges
+  (Gemma 3's average pooling, InternVL's and SmolVLM's pixel shuffle), raster order.
 
-Both work in fp32 and never build more than a query chunk of the N x N map.
+All work in fp32 and never build more than a query chunk of the N x N map.
 """
 
 from __future__ import annotations
@@ -27,13 +32,64 @@ def cls_attention(x: Tensor, attn: nn.Module) -> Tensor:
     heads = int(cast(Any, attn).num_heads)
     head_dim = int(getattr(attn, "head_dim", x.shape[-1] // heads))
     scale = float(getattr(attn, "scale", head_dim**-0.5))
-    q_proj, k_proj = cast(nn.Linear, attn.q_proj), cast(nn.Linear, attn.k_proj)
-    q_bias = q_proj.bias.float() if q_proj.bias is not None else None
-    k_bias = k_proj.bias.float() if k_proj.bias is not None else None
-    q0 = F.linear(x[:, :1], q_proj.weight.float(), q_bias).view(batch, 1, heads, head_dim).transpose(1, 2)
-    k = F.linear(x, k_proj.weight.float(), k_bias).view(batch, length, heads, head_dim).transpose(1, 2)
+    q0 = _project(attn, "q", x[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
+    k = _project(attn, "k", x).view(batch, length, heads, head_dim).transpose(1, 2)
     probs = torch.softmax((q0 @ k.transpose(-1, -2)) * scale, dim=-1)  # [B, H, 1, 1+N]
     return probs[:, :, 0, 1:].mean(dim=1)
+
+
+def _project(attn: nn.Module, which: str, x: Tensor) -> Tensor:
+    """``{q,k}_proj(x)`` in fp32, then the module's ``{q,k}_norm`` over the whole projection when it has one
+    (InternViT's qk-norm; an ``nn.Identity`` elsewhere)."""
+    proj = cast(nn.Linear, getattr(attn, f"{which}_proj"))
+    bias = proj.bias.float() if proj.bias is not None else None
+    out = F.linear(x, proj.weight.float(), bias)
+    norm = getattr(attn, f"{which}_norm", None)
+    if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity):
+        out = norm(out.to(_dtype_of(norm))).float()
+    return out
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters()), torch.float32)
+
+
+def received_attention_dense(x: Tensor, attn: nn.Module, key_mask: Tensor | None = None, chunk: int = 1024) -> Tensor:
+    """Mean attention each token receives in a SigLIP-style attention layer (no [CLS]), recomputed from its
+    input ``x`` [B, N, D]: ``g_j = mean_h mean_q softmax_k(q k^T d^-1/2)_qj`` in fp32, [B, N].
+
+    ``key_mask`` bool [B, N] (False = padding patch) hides keys and drops those queries from the mean.
+    Queries are processed ``chunk`` rows at a time, so the N x N map never exists.
+    """
+    x = x.float()
+    batch, length, _ = x.shape
+    heads = int(cast(Any, attn).num_heads)
+    head_dim = int(getattr(attn, "head_dim", x.shape[-1] // heads))
+    scale = float(getattr(attn, "scale", getattr(attn, "scaling", head_dim**-0.5)))
+    q = _project(attn, "q", x).view(batch, length, heads, head_dim).transpose(1, 2)
+    k = _project(attn, "k", x).view(batch, length, heads, head_dim).transpose(1, 2)
+    bias = None
+    weight = torch.ones(batch, length, dtype=torch.float32, device=x.device)
+    if key_mask is not None:
+        keys = key_mask.to(x.device).bool()
+        bias = torch.zeros(batch, 1, 1, length, device=x.device).masked_fill(~keys[:, None, None, :], float("-inf"))
+        weight = keys.float()
+    total = torch.zeros(batch, length, dtype=torch.float32, device=x.device)
+    for row in range(0, length, chunk):
+        scores = (q[:, :, row : row + chunk] @ k.transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + bias
+        probs = torch.softmax(scores, dim=-1)  # [B, H, c, N]
+        total += (probs * weight[:, None, row : row + chunk, None]).sum(dim=(1, 2))
+    return total / (heads * weight.sum(dim=1, keepdim=True).clamp(min=1))
+
+
+def pool_scores(scores: Tensor, side: int, size: int) -> Tensor:
+    """Patch scores [B, side * side] (raster order) averaged over ``size x size`` blocks: [B, (side/size)^2],
+    the raster order of the merged tokens (token (i, j) covers patch rows size*i.., columns size*j..)."""
+    batch = scores.shape[0]
+    grid = scores.reshape(batch, 1, side, side)
+    return F.avg_pool2d(grid, kernel_size=size, stride=size).reshape(batch, -1)
 
 
 def received_attention(
@@ -76,4 +132,4 @@ def received_attention(
     return out
 
 
-__all__ = ["cls_attention", "received_attention"]
+__all__ = ["cls_attention", "pool_scores", "received_attention", "received_attention_dense"]
