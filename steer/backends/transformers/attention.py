@@ -214,6 +214,8 @@ def steer_attention(
             value_ = value_.to(query.device)
             if edit.mode == "and":
                 mask = mask & value_.bool()
+            elif edit.mode == "or":
+                mask = mask | value_.bool()
             elif edit.mode == "replace":
                 mask = value_.bool().expand(batch, -1, q_len, k_len)
             else:
