@@ -579,3 +579,11 @@ def test_recipes() -> None:
     for family in ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl"):
         assert steer.recipe(f"{family}/fastervlm").methods == {"fastervlm": {"reduction": 0.75}}
         assert steer.recipe(f"{family}/fastervlm-90").methods == {"fastervlm": {"reduction": 0.9}}
+
+
+@pytest.mark.parametrize(("family", "score"), [("llava", "cls"), ("llava_next", "cls"), ("qwen2_vl", "received")])
+def test_state_says_which_score_the_tower_gives(family: str, score: str) -> None:
+    """The [CLS] row where the tower has one, else the mean-received-attention fallback, stated in the state."""
+    model, _ = zoo.load_tiny(family)
+    with steer.apply(model, "fastervlm") as handle:
+        assert handle.state["fastervlm"]["score"] == score
