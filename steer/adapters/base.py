@@ -238,6 +238,11 @@ class Adapter:
         """bool [B, T]: positions holding image tokens."""
         return input_ids == self.image_token_id
 
+    def image_related_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """bool [B, T]: the tokens that belong to an image in the prompt (placeholders and delimiters): the
+        text-only variant drops them. Default: the ids of :attr:`image_related_token_ids`."""
+        return torch.isin(input_ids, torch.tensor(self.image_related_token_ids, device=input_ids.device))
+
     @property
     def tokens_per_crop(self) -> int | None:
         """The token count of one image (or one crop) when it does not depend on the image, else None."""
@@ -330,8 +335,9 @@ class Adapter:
         padding = padding if padding is not None else torch.ones_like(prompt_ids, dtype=torch.bool)
         pad_id = getattr(self.text_config, "pad_token_id", None) or 0
         ids, mask = strip_tokens(
-            prompt_ids, padding.to(prompt_ids.device), self.image_related_token_ids, length, pad_id
-        )
+            prompt_ids, padding.to(prompt_ids.device), self.image_related_token_ids, length, pad_id,
+            drop=self.image_related_mask(prompt_ids),
+        )  # fmt: skip
         return {
             "inputs_embeds": self.embed_tokens(ids),
             "attention_mask": mask,
@@ -361,13 +367,17 @@ def strip_tokens(
     drop_ids: tuple[int, ...],
     length: int | None = None,
     pad_id: int = 0,
+    drop: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, keep the real tokens that are not in ``drop_ids``, then re-pad on the left.
+    """Per row, keep the real tokens that are not in ``drop_ids`` (or, when given, not flagged in ``drop``
+    bool [B, T]), then re-pad on the left.
 
     Returns ``(ids, mask)`` [B, L'] with L' = the longest kept row (or ``length`` when given, >= that).
     Raises ``ValueError`` for a row with nothing left.
     """
-    keep = padding.bool() & ~torch.isin(input_ids, torch.tensor(drop_ids, device=input_ids.device))
+    if drop is None:
+        drop = torch.isin(input_ids, torch.tensor(drop_ids, device=input_ids.device))
+    keep = padding.bool() & ~drop.to(input_ids.device).bool()
     counts = keep.sum(dim=1)
     kept = counts.tolist()  # the one host sync: the width of the new rows
     empty = [row for row, n in enumerate(kept) if n == 0]
