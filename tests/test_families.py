@@ -514,6 +514,35 @@ def test_smolvlm_pruning_regroups_sub_images_per_row() -> None:
     assert out.shape == (2, 5)
 
 
+RECIPE_FAMILY = {
+    "qwen3_vl": "qwen3-vl", "llava_onevision": "llava-onevision", "gemma3": "gemma-3", "internvl": "internvl",
+    "smolvlm": "smolvlm",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_recipes_apply_as_their_settings(family: str) -> None:
+    """Every new family has the recipes of every method; each applies as exactly its settings (VAR's refuses:
+    no sink channels are known)."""
+    model, processor = zoo.load_tiny(family)
+    inputs = row_inputs(processor, family, 0)
+    name = RECIPE_FAMILY[family]
+    assert adapter_for(model).family == name
+    # (fastervlm-90 keeps round(4 * 0.1) = 0 of the tiny models' 4 tokens per image: refused, as it should be)
+    for recipe_name in ("image-attention", "fastervlm", "vhr", "cca", "vista", "vista-pope"):
+        recipe = steer.recipe(f"{name}/{recipe_name}")
+        with quiet(), steer.apply(model, recipe) as handle:
+            from_recipe = logits(model, inputs)
+            assert handle.params == recipe.methods or all(
+                handle.params[m][k] == v for m, p in recipe.methods.items() for k, v in p.items()
+            )
+        (method, params), = recipe.methods.items()
+        with quiet(), steer.apply(model, method, **params):
+            assert torch.equal(logits(model, inputs), from_recipe)
+    with pytest.raises(steer.InvalidParameterError, match="calibrate"):
+        steer.apply(model, steer.recipe(f"{name}/var"))
+
+
 # ---- bad input --------------------------------------------------------------------------------------------
 
 
