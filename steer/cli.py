@@ -114,7 +114,11 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
 
 @app.command("demo")
 def demo(
-    family: str = typer.Option("llava", help="Tiny zoo family: llava, llava_next, qwen2_vl, qwen2_5_vl."),
+    family: str = typer.Option(
+        "llava",
+        help="Tiny zoo family: llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision, gemma3, internvl, "
+        "smolvlm.",
+    ),
     method: str = typer.Option("image_attention", help="Method to apply (see `steer methods`)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Method parameter NAME=VALUE (JSON value), repeatable."),
     max_new_tokens: int = typer.Option(12, help="Tokens to generate."),

@@ -17,6 +17,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+#: The families added by issue 15 (tests/test_families.py runs every method on them).
+NEW_FAMILIES = ("qwen3_vl", "llava_onevision", "gemma3", "internvl", "smolvlm")
+ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 
 
 @pytest.fixture(scope="session", autouse=True)

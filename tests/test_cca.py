@@ -235,21 +235,25 @@ def test_mask_reaches_attention_only_at_prefill() -> None:
     model, processor = zoo.load_tiny("llava")
     inputs = inputs_for(processor, "llava", n=2)
     with cca(model) as handle:
-        mask_edit = [e for e in handle.edits if isinstance(e, steer.edits.AttentionMask)][0]
-        assert mask_edit.mode == "replace" and mask_edit.phase == "prefill"
-        assert mask_edit.resolve_layers(4) == [0, 1, 2, 3]
-        seen = []
-        fn = mask_edit.mask
-        mask_edit.mask = lambda e: seen.append((e.phase, e.layer, fn(e))) or seen[-1][2]
+        hide, allow = [e for e in handle.edits if isinstance(e, steer.edits.AttentionMask)]
+        assert (hide.mode, allow.mode) == ("and", "or")  # composed with the model's own mask
+        assert hide.phase == allow.phase == "prefill"
+        assert hide.resolve_layers(4) == allow.resolve_layers(4) == [0, 1, 2, 3]
+        seen: list = []
+        for edit in (hide, allow):
+            fn = edit.mask
+            edit.mask = lambda e, fn=fn, mode=edit.mode: seen.append((e.phase, mode, fn(e))) or seen[-1][2]
         generate(model, inputs, max_new_tokens=2)
-    assert [p for p, _, _ in seen] == ["prefill"] * 4  # decode rows keep the model's mask
-    mask = seen[0][2]
+    assert [(p, m) for p, m, _ in seen] == [("prefill", "and"), ("prefill", "or")] * 4  # decode keeps the model's
+    keep, let_in = seen[0][2], seen[1][2]
     ids = inputs["input_ids"]
+    length = ids.shape[1]
     for b in range(2):
         s = int((ids[b] == model.config.image_token_id).nonzero()[0])
         real = inputs["attention_mask"][b].bool()
-        expected = concentric_mask(ids.shape[1], [grid_block(s, 4, 4)], real=real)
-        assert torch.equal(mask[b, 0], expected)
+        model_mask = torch.ones(length, length).tril().bool() & real[None, :]  # sdpa's causal + padding mask
+        expected = concentric_mask(length, [grid_block(s, 4, 4)], real=real)
+        assert torch.equal((model_mask & keep[b, 0]) | let_in[b, 0], expected)
 
 
 # ---- check 5: identity -----------------------------------------------------------------------------------

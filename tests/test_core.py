@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import ALL_FAMILIES
 from helpers import batch_inputs, generate, hook_count, logits, real, row_inputs
 
 import steer
@@ -92,7 +92,7 @@ def test_every_kind_acts_and_a_zero_set_collects() -> None:
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_remove_restores_bit_identical(family: str, impl: str) -> None:
     model, processor = zoo.load_tiny(family, attn_implementation=impl)
     untouched, _ = zoo.load_tiny(family, attn_implementation=impl)  # never patched
@@ -120,7 +120,7 @@ def test_remove_restores_bit_identical(family: str, impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_zero_strength_equals_original(family: str, impl: str) -> None:
     model, processor = zoo.load_tiny(family, attn_implementation=impl)
     inputs = batch_inputs(processor, family)
@@ -132,7 +132,7 @@ def test_zero_strength_equals_original(family: str, impl: str) -> None:
     assert torch.equal(tokens, ref_tokens)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_noop_methods_install_nothing(family: str) -> None:
     model, processor = zoo.load_tiny(family)
     inputs = batch_inputs(processor, family)
@@ -144,7 +144,7 @@ def test_noop_methods_install_nothing(family: str) -> None:
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_batch_equals_per_sample(family: str, num_beams: int) -> None:
     model, processor = zoo.load_tiny(family)
     inputs = batch_inputs(processor, family, n=3)
@@ -286,7 +286,7 @@ def test_unsupported_model_names_supported_classes() -> None:
         steer.apply(full.model, "scale_heads")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_prompt_without_image_tokens(family: str) -> None:
     model, processor = zoo.load_tiny(family)
     text_only = zoo.make_inputs(processor, family, [zoo.chat_prompt(family, "Hello?", n_images=0)])

@@ -672,3 +672,11 @@ def test_a_tower_without_projection_modules_is_refused_at_apply() -> None:
     with pytest.raises(UnsupportedModelError, match="no q_proj projection module"):
         steer.apply(model, "fastervlm")
     assert Runtime.of(model) is None
+
+
+@pytest.mark.parametrize(("family", "score"), [("llava", "cls"), ("llava_next", "cls"), ("qwen2_vl", "received")])
+def test_state_says_which_score_the_tower_gives(family: str, score: str) -> None:
+    """The [CLS] row where the tower has one, else the mean-received-attention fallback, stated in the state."""
+    model, _ = zoo.load_tiny(family)
+    with steer.apply(model, "fastervlm") as handle:
+        assert handle.state["fastervlm"]["score"] == score

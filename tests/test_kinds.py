@@ -83,6 +83,32 @@ def test_collect_selects_positions_and_reads_the_logit_lens() -> None:
         assert torch.allclose(seen["normed"], adapter.lm_head(adapter.final_norm(h1)), atol=1e-6)
 
 
+def test_mask_modes_compose_with_the_models_mask() -> None:
+    """``and`` / ``or`` act on the model's own mask: on a causal model, ``and(K)`` then ``or(O)`` equals
+    ``replace((causal & padding & K) | O)`` built by hand; ``or`` alone lets later keys in (the output moves)."""
+    model, processor = zoo.load_tiny("llava")
+    inputs = batch_inputs(processor, "llava")
+    real = inputs["attention_mask"].bool()
+    batch, length = real.shape
+    q = torch.arange(length)[:, None]
+    k = torch.arange(length)[None, :]
+    keep = (k % 3 != 1)[None, None].expand(batch, 1, length, length)  # hide every third key
+    let_in = ((k - q).abs() <= 2)[None, None] & real[:, None, None, :] & real[:, None, :, None]  # two keys ahead
+    causal = (k <= q)[None, None] & real[:, None, None, :]
+    by_hand = (causal & keep) | let_in
+    with steer.apply(model, [edits.AttentionMask(layers=[1, 2], mask=keep, mode="and"),
+                             edits.AttentionMask(layers=[1, 2], mask=let_in, mode="or")]):  # fmt: skip
+        composed = logits(model, inputs)
+    with steer.apply(model, [edits.AttentionMask(layers=[1, 2], mask=by_hand, mode="replace")]):
+        replaced = logits(model, inputs)
+    assert torch.allclose(composed[real], replaced[real], atol=1e-6)
+    with steer.apply(model, [edits.AttentionMask(layers=[1], mask=let_in, mode="or")]):
+        ahead = logits(model, inputs)
+    assert (ahead - logits(model, inputs))[real].abs().max() > 1e-4
+    with pytest.raises(ValueError, match="'and', 'or', 'replace' or 'add'"):
+        edits.AttentionMask(layers=[1], mask=keep, mode="xor")  # type: ignore[arg-type]
+
+
 def test_source_run_same_inputs_reproduce_the_prefill_and_text_only_rows_are_the_adapters() -> None:
     """A "same" run without edits gives the layer states of the plain prefill; a "text_only" run feeds the
     adapter's text-only rows; an edit scoped to a run acts there only, never in the caller's forward."""

@@ -32,7 +32,9 @@ def family_models(request, tmp_path_factory):
 
 
 def test_families_and_unknown_family():
-    assert zoo.FAMILIES == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+    assert zoo.FAMILIES == (
+        "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "gemma3", "internvl", "smolvlm",
+    )  # fmt: skip
     with pytest.raises(ValueError, match="supported"):
         zoo.build("llama")
 
@@ -41,7 +43,9 @@ def test_save_load_roundtrip(family_models):
     family, built, model, processor = family_models
     assert not model.training and model.dtype == torch.float32
     assert model.config._attn_implementation == "sdpa"
-    assert len(model.model.language_model.layers) == 4
+    from steer.adapters import adapter_for
+
+    assert len(adapter_for(model).decoder_layers) == 4
     built_sd, loaded_sd = built.state_dict(), model.state_dict()
     assert built_sd.keys() == loaded_sd.keys()
     for name, tensor in built_sd.items():
@@ -58,6 +62,11 @@ def test_save_load_roundtrip(family_models):
         "llava_next": "LlavaNextProcessor",
         "qwen2_vl": "QwenProcessorLite",
         "qwen2_5_vl": "QwenProcessorLite",
+        "qwen3_vl": "Qwen3VLProcessorLite",
+        "llava_onevision": "LlavaOnevisionProcessorLite",
+        "gemma3": "Gemma3Processor",
+        "internvl": "InternVLProcessorLite",
+        "smolvlm": "SmolVLMProcessorLite",
     }
     assert type(processor).__name__ == expected[family]
 
@@ -78,12 +87,16 @@ def test_batched_generate_matches_rows(family_models):
     images = [[zoo.sample_image(0)], [zoo.sample_image(1, (84, 56))]]
     inputs = zoo.make_inputs(processor, family, prompts, images)
     assert {"input_ids", "attention_mask", "pixel_values"} <= set(inputs)
-    if family == "llava_next":
+    if family in ("llava_next", "llava_onevision"):
         assert "image_sizes" in inputs
+    if family == "gemma3":
+        assert "token_type_ids" in inputs
     if family.startswith("qwen"):
         assert {"image_grid_thw", "mm_token_type_ids"} <= set(inputs)
     mask = inputs["attention_mask"]
-    assert mask[0].all() and mask[1, 0] == 0 and mask[1, -1] == 1  # left padding on the shorter row
+    longer = int(mask.sum(1).argmax())  # (Gemma 3's pan-and-scan crops make the 84x56 row the longer one)
+    shorter = 1 - longer
+    assert mask[longer].all() and mask[shorter, 0] == 0 and mask[shorter, -1] == 1  # left padding on the shorter row
 
     new = inputs["input_ids"].shape[1]
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -100,7 +113,10 @@ def test_image_token_count_matches_model(family_models):
     prompt = zoo.chat_prompt(family, "Describe.")
     inputs = zoo.make_inputs(processor, family, [prompt], [[zoo.sample_image(2)]])
     n_tokens = int((inputs["input_ids"] == _image_token_id(model)).sum())
-    expected = {"llava": 16, "llava_next": 24, "qwen2_vl": 4, "qwen2_5_vl": 4}[family]
+    expected = {
+        "llava": 16, "llava_next": 24, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "llava_onevision": 24,
+        "gemma3": 4, "internvl": 4, "smolvlm": 20,
+    }[family]  # fmt: skip
     assert n_tokens == expected
     if family.startswith("qwen"):
         assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]
@@ -114,7 +130,7 @@ def test_image_token_count_matches_model(family_models):
     keep = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
     keep[0, int((inputs["input_ids"][0] == _image_token_id(model)).nonzero()[0])] = False
     broken = {k: v for k, v in inputs.items()}
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
         if key in broken:
             broken[key] = inputs[key][keep].unsqueeze(0)
     with pytest.raises(ValueError):

@@ -5,13 +5,28 @@ from __future__ import annotations
 from torch import nn
 
 from steer.adapters.base import Adapter
+from steer.adapters.gemma3 import Gemma3Adapter
+from steer.adapters.internvl import InternVLAdapter
 from steer.adapters.llava import LlavaAdapter
 from steer.adapters.llava_next import LlavaNextAdapter
+from steer.adapters.llava_onevision import LlavaOnevisionAdapter
 from steer.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from steer.adapters.qwen3_vl import Qwen3VLAdapter
+from steer.adapters.smolvlm import SmolVLMAdapter
 from steer.errors import UnsupportedModelError
 
 #: Every adapter, in the order families are listed to users.
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+    LlavaOnevisionAdapter,
+    Gemma3Adapter,
+    InternVLAdapter,
+    SmolVLMAdapter,
+)
 
 #: The supported vision-language families (``Adapter.family``), e.g. ``"llava-1.5"``.
 FAMILIES: tuple[str, ...] = tuple(a.family for a in ADAPTERS)
@@ -36,7 +51,7 @@ def adapter_for(model: nn.Module) -> Adapter:
         if name in cls.model_classes:
             return cls(model)
     hint = ""
-    if name in ("LlavaModel", "LlavaNextModel", "Qwen2VLModel", "Qwen2_5_VLModel"):
+    if name.endswith("Model") and name.removesuffix("Model") + "ForConditionalGeneration" in supported_classes():
         hint = " Load the *ForConditionalGeneration class (it has the lm_head steer needs)."
     raise UnsupportedModelError(
         f"steer has no adapter for {name}. Supported model classes: {', '.join(supported_classes())}. "
@@ -48,10 +63,15 @@ __all__ = [
     "ADAPTERS",
     "FAMILIES",
     "Adapter",
+    "Gemma3Adapter",
+    "InternVLAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
     "Qwen2VLAdapter",
     "Qwen2_5_VLAdapter",
+    "Qwen3VLAdapter",
+    "SmolVLMAdapter",
     "adapter_class",
     "adapter_for",
     "supported_classes",

@@ -39,7 +39,19 @@ class Adapter:
     model_classes: ClassVar[tuple[str, ...]] = ()
     position_scheme: ClassVar[str] = "1d"  # "1d" or "mrope"
     vision_score: ClassVar[str] = "cls"  # the visual-token score the tower supports
+    vision_has_cls: ClassVar[bool] = True  # the tower's sequence starts with a [CLS] token (CLIP, InternViT)
     image_block_kinds: ClassVar[tuple[str, ...]] = ("image",)  # the grids an image's tokens form
+    #: How the language model's own mask treats the tokens of one image: "causal" (raster order, like text) or
+    #: "bidirectional" (Gemma 3: every token of an image sees the whole image). Mask edits compose with it.
+    image_attention: ClassVar[str] = "causal"
+    #: Language-model inputs besides embeddings, mask and positions that carry image features (Qwen3-VL's
+    #: DeepStack), by how rows without an image extend them: "row_mask" (bool [B, T], False on added rows) or
+    #: "features" (the features of the image tokens in row order, unchanged). An auxiliary run on the prompt
+    #: itself keeps them; a text-only run drops them.
+    lm_visual_inputs: ClassVar[dict[str, str]] = {}
+    #: Model inputs aligned with the prompt's tokens ([B, T]) besides input_ids and attention_mask (Qwen's
+    #: ``mm_token_type_ids``, Gemma 3's ``token_type_ids``): pruning shortens them with the prompt.
+    per_token_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -161,6 +173,18 @@ class Adapter:
         """The vision blocks with full attention when the tower also has windowed ones, else None."""
         return None
 
+    @property
+    def sends_cls(self) -> bool:
+        """The [CLS] token reaches the language model (LLaVA's ``"full"`` feature strategy on a CLIP tower; a
+        SigLIP tower has no [CLS], so ``"full"`` sends patch tokens only)."""
+        strategy = getattr(self.config, "vision_feature_select_strategy", "default")
+        return self.vision_has_cls and strategy == "full"
+
+    @property
+    def deepstack_layers(self) -> tuple[int, ...]:
+        """Decoder layers whose output gets image features added (Qwen3-VL's DeepStack), else ()."""
+        return ()
+
     # ---- static facts ----------------------------------------------------------------------------
     @functools.cached_property
     def info(self) -> ModelInfo:
@@ -191,8 +215,10 @@ class Adapter:
             vision_full_attention_layers=self.vision_full_attention_layers,
             vision_score=self.vision_score,
             default_score_layer=score_layer,
-            sends_cls=getattr(config, "vision_feature_select_strategy", "default") == "full",
+            sends_cls=self.sends_cls,
             image_block_kinds=self.image_block_kinds,
+            image_attention=self.image_attention,
+            deepstack_layers=self.deepstack_layers,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -212,6 +238,11 @@ class Adapter:
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """bool [B, T]: positions holding image tokens."""
         return input_ids == self.image_token_id
+
+    def image_related_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """bool [B, T]: the tokens that belong to an image in the prompt (placeholders and delimiters): the
+        text-only variant drops them. Default: the ids of :attr:`image_related_token_ids`."""
+        return torch.isin(input_ids, torch.tensor(self.image_related_token_ids, device=input_ids.device))
 
     @property
     def tokens_per_crop(self) -> int | None:
@@ -305,8 +336,9 @@ class Adapter:
         padding = padding if padding is not None else torch.ones_like(prompt_ids, dtype=torch.bool)
         pad_id = getattr(self.text_config, "pad_token_id", None) or 0
         ids, mask = strip_tokens(
-            prompt_ids, padding.to(prompt_ids.device), self.image_related_token_ids, length, pad_id
-        )
+            prompt_ids, padding.to(prompt_ids.device), self.image_related_token_ids, length, pad_id,
+            drop=self.image_related_mask(prompt_ids),
+        )  # fmt: skip
         return {
             "inputs_embeds": self.embed_tokens(ids),
             "attention_mask": mask,
@@ -316,6 +348,13 @@ class Adapter:
     def text_positions(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Positions of text-only rows: ``cumsum(mask) - 1`` (0 on padding), [B, L]."""
         return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    def lm_attention_mask(self, mask: torch.Tensor, image_mask: torch.Tensor, embeds: torch.Tensor) -> Any:
+        """The attention mask the language model takes for rows steer builds itself (auxiliary runs that stack
+        the prompt's rows with other rows): ``mask`` [B, L] (1 = real token), ``image_mask`` bool [B, L] (the
+        rows' image tokens). A plainly causal model takes the 2-D mask; a model whose mask treats image tokens
+        specially (:attr:`image_attention`) builds its own."""
+        return mask
 
     # ---- chat prompt -------------------------------------------------------------------------------
     def chat_prompt(self, question: str, n_images: int = 1) -> str:
@@ -329,13 +368,17 @@ def strip_tokens(
     drop_ids: tuple[int, ...],
     length: int | None = None,
     pad_id: int = 0,
+    drop: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, keep the real tokens that are not in ``drop_ids``, then re-pad on the left.
+    """Per row, keep the real tokens that are not in ``drop_ids`` (or, when given, not flagged in ``drop``
+    bool [B, T]), then re-pad on the left.
 
     Returns ``(ids, mask)`` [B, L'] with L' = the longest kept row (or ``length`` when given, >= that).
     Raises ``ValueError`` for a row with nothing left.
     """
-    keep = padding.bool() & ~torch.isin(input_ids, torch.tensor(drop_ids, device=input_ids.device))
+    if drop is None:
+        drop = torch.isin(input_ids, torch.tensor(drop_ids, device=input_ids.device))
+    keep = padding.bool() & ~drop.to(input_ids.device).bool()
     counts = keep.sum(dim=1)
     kept = counts.tolist()  # the one host sync: the width of the new rows
     empty = [row for row, n in enumerate(kept) if n == 0]

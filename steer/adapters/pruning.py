@@ -99,7 +99,7 @@ class PruningAdapter:
     ) -> list[PrunedImage]:
         """Keep the top tokens of every image in ``out.pooler_output`` (in place); one PrunedImage each."""
         adapter: Any = self
-        features = list(out.pooler_output)
+        features = self.image_features(out)
         per_image = self.split_scores(scores[-1], features)
         kept_features, images = [], []
         for i, (feature, score) in enumerate(zip(features, per_image)):
@@ -115,8 +115,16 @@ class PruningAdapter:
                 record["grid"] = meta
             blocks = kept_blocks(adapter.image_blocks(n, meta), kept)
             images.append(PrunedImage(sent=t, stock=n, offsets=kept.cpu(), blocks=blocks, record=record))
-        out.pooler_output = kept_features
+        self.set_image_features(out, kept_features, images)
         return images
+
+    def image_features(self, out: Any) -> list[Tensor]:
+        """The projected features of every encoded image (crop, tile, sub-image) in prompt order, each [n, D]."""
+        return list(out.pooler_output)
+
+    def set_image_features(self, out: Any, kept: list[Tensor], images: list[PrunedImage]) -> None:
+        """Put the kept features back into the encoder output in the form the model takes (default: a list)."""
+        out.pooler_output = kept
 
     def split_scores(self, scores: Tensor, features: list[Tensor]) -> list[Tensor]:
         """Per-image scores from what the scoring hook appended (one row per image by default)."""

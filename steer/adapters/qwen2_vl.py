@@ -29,6 +29,8 @@ class Qwen2VLAdapter(PruningAdapter, Adapter):
     model_classes = ("Qwen2VLForConditionalGeneration",)
     position_scheme = "mrope"
     vision_score = "received"
+    vision_has_cls = False
+    per_token_inputs = ("mm_token_type_ids",)
 
     @property
     def merge(self) -> int:

@@ -97,8 +97,26 @@ class ForwardFacts:
         """Sequence indices of this call's query rows, [Lq]."""
         return torch.arange(self.past_length, self.past_length + self.query_len, device=device)
 
+    def key_offset(self, key_len: int) -> int:
+        """The sequence index of key 0 of an attention call with ``key_len`` keys: 0 when the keys cover the
+        sequence from its start (a full cache; a static cache, whose empty slots follow); ``past + query_len -
+        key_len`` when they are fewer (a sliding-window layer's cache keeps only the last keys, in order)."""
+        return max(0, self.past_length + self.query_len - key_len)
+
+    def align_keys(self, values: torch.Tensor, key_len: int, fill: Any = 0) -> torch.Tensor:
+        """Per-sequence-position values [B, L] (L = the prompt, or more) as the ``key_len`` keys of this call
+        see them (:meth:`key_offset`); positions past L get ``fill`` (decoded keys)."""
+        offset = self.key_offset(key_len)
+        end = offset + key_len
+        length = values.shape[1]
+        if end > length:
+            pad = torch.full((values.shape[0], end - length), fill, dtype=values.dtype, device=values.device)
+            values = torch.cat([values, pad], dim=1)
+        return values[:, offset:end]
+
     def key_image_mask(self, key_len: int, device: torch.device | None = None) -> torch.Tensor | None:
-        """Image-token flags for ``key_len`` keys (decoded keys are never image tokens), [B, key_len]."""
+        """Image-token flags for ``key_len`` keys (decoded keys are never image tokens), [B, key_len]; on a
+        sliding-window layer the keys are the last ones (:meth:`key_offset`)."""
         if self.image_mask is None:
             return None
         return self.per_forward(("key_image_mask", key_len, device), lambda: self._key_image_mask(key_len, device))
@@ -106,11 +124,7 @@ class ForwardFacts:
     def _key_image_mask(self, key_len: int, device: torch.device | None) -> torch.Tensor:
         assert self.image_mask is not None
         mask = self.image_mask.to(device) if device is not None else self.image_mask
-        length = mask.shape[1]
-        if key_len <= length:
-            return mask[:, :key_len]
-        pad = torch.zeros(mask.shape[0], key_len - length, dtype=torch.bool, device=mask.device)
-        return torch.cat([mask, pad], dim=1)
+        return self.align_keys(mask, key_len, False)
 
     def rows_after_first_image(self, device: torch.device | None = None) -> torch.Tensor | None:
         """bool [B, Lq]: query rows that are text *after* the sample's first image token.

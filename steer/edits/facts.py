@@ -27,7 +27,11 @@ class ModelInfo:
       supports (``"cls"``: the [CLS] row; ``"received"``: mean received attention); ``default_score_layer``;
       ``sends_cls``: the [CLS] token is sent to the language model (LLaVA's ``"full"`` feature strategy);
     - ``image_block_kinds``: the kinds of grid an image's tokens form (`ImageBlock.kind`): ``("image",)``, or
-      ``("base", "highres")`` for a base image followed by a high-res grid with newline tokens.
+      ``("base", "highres")`` for a base image followed by a high-res grid with newline tokens;
+    - ``image_attention``: how the model's own mask treats the tokens of one image: ``"causal"`` (raster order,
+      like text) or ``"bidirectional"`` (Gemma 3); mask edits are composed with the model's mask, never
+      rebuilt as plain causal;
+    - ``deepstack_layers``: decoder layers whose output gets image features added (Qwen3-VL's DeepStack).
     """
 
     family: str
@@ -48,6 +52,8 @@ class ModelInfo:
     default_score_layer: int = -1
     sends_cls: bool = False
     image_block_kinds: tuple[str, ...] = ("image",)
+    image_attention: str = "causal"
+    deepstack_layers: tuple[int, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """A summary for error messages and the CLI."""

@@ -181,7 +181,7 @@ class HeadScale(AttentionEdit):
         return (out.float() * s[:, None, :, None]).to(out.dtype)
 
 
-MaskMode = Literal["and", "replace", "add"]
+MaskMode = Literal["and", "or", "replace", "add"]
 
 
 @dataclass
@@ -189,10 +189,14 @@ class AttentionMask(AttentionEdit):
     """Add a mask to chosen layers' attention.
 
     ``mask`` (tensor or callable of the edit context) broadcasts to [B, H, Lq, Lk]:
-    - ``mode="and"``: boolean, True = may attend; ANDed with the model's causal/padding mask;
-    - ``mode="replace"``: boolean, replaces the model's mask (e.g. CCA lets keys after the query in);
+    - ``mode="and"``: boolean, True = may attend; ANDed with the model's own mask (causal, padding, sliding
+      window, Gemma 3's bidirectional images);
+    - ``mode="or"``: boolean, True = may attend as well; ORed into the model's own mask (lets keys in that the
+      model hides, e.g. CCA's outer-ring keys after the query); everything else keeps the model's mask;
+    - ``mode="replace"``: boolean, replaces the model's mask entirely (the model's structure is lost: prefer
+      ``"and"`` / ``"or"``, which compose with it);
     - ``mode="add"``: float, added to the pre-softmax scores (use ``torch.finfo(dtype).min``, not -inf).
-    ``None`` from a callable means "no change for this call".
+    Mask edits of one layer apply in apply order. ``None`` from a callable means "no change for this call".
     """
 
     site: str = field(default="layer.attn.scores", init=False, repr=False)
@@ -203,8 +207,8 @@ class AttentionMask(AttentionEdit):
     phase: Phase = "all"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("and", "replace", "add"):
-            raise ValueError(f"AttentionMask.mode must be 'and', 'replace' or 'add', got {self.mode!r}")
+        if self.mode not in ("and", "or", "replace", "add"):
+            raise ValueError(f"AttentionMask.mode must be 'and', 'or', 'replace' or 'add', got {self.mode!r}")
 
 
 Groups = Union[Literal["image"], Callable[[EditContext], torch.Tensor]]

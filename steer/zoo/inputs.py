@@ -5,9 +5,16 @@ left-padded `BatchFeature` that `model(**inputs)` / `model.generate(**inputs)` a
 
 * LLaVA-1.5: `input_ids`, `attention_mask`, `pixel_values`
 * LLaVA-NeXT: the same plus `image_sizes`
-* Qwen2-VL / Qwen2.5-VL: `input_ids`, `attention_mask`, `pixel_values`, `image_grid_thw`, `mm_token_type_ids`
+* Qwen2-VL / Qwen2.5-VL / Qwen3-VL: `input_ids`, `attention_mask`, `pixel_values`, `image_grid_thw`,
+  `mm_token_type_ids`
+* LLaVA-OneVision: `input_ids`, `attention_mask`, `pixel_values`, `image_sizes`, `batch_num_images`
+* Gemma 3: `input_ids`, `attention_mask`, `pixel_values` (one row per crop), `token_type_ids`; pan-and-scan
+  is on (`PROCESSOR_KWARGS`), so a wide or tall image gets crops after the full image
+* InternVL: `input_ids`, `attention_mask`, `pixel_values` (one row per tile, the thumbnail last)
+* SmolVLM: `input_ids`, `attention_mask`, `pixel_values` [B, sub-images, 3, H, W], `pixel_attention_mask`
 
-LLaVA and LLaVA-NeXT use the real transformers processors. `Qwen2VLProcessor` / `Qwen2_5_VLProcessor` cannot
+LLaVA, LLaVA-NeXT and Gemma 3 use the real transformers processors; Qwen3-VL, LLaVA-OneVision, InternVL and
+SmolVLM the real processor classes without their video processor (`steer.zoo.processors`). `Qwen2VLProcessor` / `Qwen2_5_VLProcessor` cannot
 be constructed without torchvision (their video processor lookup fails), so `QwenProcessorLite` does what
 their `__call__` does for images and text: run the image processor, expand each `<|image_pad|>` into
 `prod(grid_thw) // merge_size**2` copies, tokenize with padding and add `mm_token_type_ids`
@@ -26,7 +33,17 @@ from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+FAMILIES: tuple[str, ...] = (
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "llava_onevision",
+    "gemma3",
+    "internvl",
+    "smolvlm",
+)
 
 #: The placeholder a prompt carries for one image, per family (before the processor expands it).
 IMAGE_PLACEHOLDER: dict[str, str] = {
@@ -34,6 +51,20 @@ IMAGE_PLACEHOLDER: dict[str, str] = {
     "llava_next": "<image>",
     "qwen2_vl": "<|image_pad|>",
     "qwen2_5_vl": "<|image_pad|>",
+    "qwen3_vl": "<|image_pad|>",
+    "llava_onevision": "<image>",
+    "gemma3": "<start_of_image>",
+    "internvl": "<IMG_CONTEXT>",
+    "smolvlm": "<image>",
+}
+
+#: Families whose processor takes the images nested per prompt row (it counts them per row).
+NESTED_IMAGES = ("llava_onevision", "gemma3", "smolvlm")
+
+#: Processor options `make_inputs` passes per family: Gemma 3's pan-and-scan crops (off in the processor's
+#: defaults) are on, with crops of at least 28 px, at most 2 per image.
+PROCESSOR_KWARGS: dict[str, dict[str, Any]] = {
+    "gemma3": {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 28, "pan_and_scan_max_num_crops": 2},
 }
 
 
@@ -65,9 +96,13 @@ def chat_prompt(family: str, question: str, n_images: int = 1) -> str:
 
     * `llava` (LLaVA-1.5, vicuna style): `"USER: <image>\\n{question} ASSISTANT:"`
     * `llava_next` (LLaVA-v1.6-Mistral style): `"[INST] <image>\\n{question} [/INST]"`
-    * `qwen2_vl` / `qwen2_5_vl` (ChatML, no system turn):
+    * `qwen2_vl` / `qwen2_5_vl` / `qwen3_vl` (ChatML, no system turn):
       `"<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n"`
       with one vision block per image.
+    * `llava_onevision` (ChatML): `"<|im_start|>user <image>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n"`
+    * `gemma3`: `"<start_of_turn>user\\n<start_of_image>{question}<end_of_turn>\\n<start_of_turn>model\\n"`
+    * `internvl` (ChatML): `"<|im_start|>user\\n<IMG_CONTEXT>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n"`
+    * `smolvlm`: `"<|im_start|>User:<image>{question}<end_of_utterance>\\nAssistant:"`
 
     `n_images=0` gives a text-only prompt.
     """
@@ -78,6 +113,14 @@ def chat_prompt(family: str, question: str, n_images: int = 1) -> str:
         return "USER: " + "<image>\n" * n_images + f"{question} ASSISTANT:"
     if family == "llava_next":
         return "[INST] " + "<image>\n" * n_images + f"{question} [/INST]"
+    if family == "llava_onevision":
+        return "<|im_start|>user " + "<image>\n" * n_images + f"{question}<|im_end|>\n<|im_start|>assistant\n"
+    if family == "gemma3":
+        return "<start_of_turn>user\n" + "<start_of_image>" * n_images + f"{question}<end_of_turn>\n<start_of_turn>model\n"
+    if family == "internvl":
+        return "<|im_start|>user\n" + "<IMG_CONTEXT>\n" * n_images + f"{question}<|im_end|>\n<|im_start|>assistant\n"
+    if family == "smolvlm":
+        return "<|im_start|>User:" + "<image>" * n_images + f"{question}<end_of_utterance>\nAssistant:"
     vision = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
     return f"<|im_start|>user\n{vision}{question}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -204,6 +247,10 @@ def make_inputs(
                 f"row {i}: the prompt holds {prompt.count(placeholder)} {placeholder} placeholders "
                 f"but {len(row)} images were given"
             )
-    flat = [im.convert("RGB") for row in rows for im in row]
+    rows = [[im.convert("RGB") for im in row] for row in rows]
+    flat = [im for row in rows for im in row]
     processor.tokenizer.padding_side = "left"
-    return processor(text=prompts, images=flat or None, padding=True, return_tensors="pt")
+    extra = PROCESSOR_KWARGS.get(family, {}) if flat else {}
+    if flat and family in NESTED_IMAGES:
+        return processor(text=prompts, images=rows, padding=True, return_tensors="pt", **extra)
+    return processor(text=prompts, images=flat or None, padding=True, return_tensors="pt", **extra)

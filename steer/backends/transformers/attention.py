@@ -214,6 +214,8 @@ def steer_attention(
             value_ = value_.to(query.device)
             if edit.mode == "and":
                 mask = mask & value_.bool()
+            elif edit.mode == "or":
+                mask = mask | value_.bool()
             elif edit.mode == "replace":
                 mask = value_.bool().expand(batch, -1, q_len, k_len)
             else:
@@ -281,6 +283,8 @@ def group_labels(edit: GroupReweight, ectx: EditContext, k_len: int, device: tor
             )
         return image.long()
     labels = edit.groups(ectx).to(device).long()
+    if ctx.key_offset(k_len) > 0:  # a sliding-window layer's cache holds the last keys only
+        return ctx.align_keys(labels, k_len, 0)
     return labels[:, :k_len]  # the kernels pad shorter rows with 0
 
 
@@ -306,11 +310,13 @@ def coefficient_fn(edit: GroupReweight, ectx: EditContext) -> Callable[[torch.Te
     values = torch.tensor([float(c) for c in edit.coefficients], dtype=torch.float32)
 
     def constant(masses: torch.Tensor) -> torch.Tensor:
-        if values.numel() != masses.shape[-1]:
+        if values.numel() < masses.shape[-1]:
             raise ValueError(
                 f"GroupReweight: {values.numel()} coefficients for {masses.shape[-1]} groups (incl. group 0)"
             )
-        return values.to(masses.device)
+        # fewer groups than coefficients: the keys of this call hold no key of the higher groups (e.g. a
+        # sliding-window layer whose window holds no image token); their coefficients have nothing to act on
+        return values[: masses.shape[-1]].to(masses.device)
 
     return constant
 

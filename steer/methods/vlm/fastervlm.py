@@ -41,7 +41,9 @@ the backend encodes, scores (the adapter's [CLS] row or mean received attention)
 publishes a :class:`~steer.edits.artifacts.PrunedLayout` (CCA lays out the kept tokens by it). ``generate``
 returns the caller's prompt (unpruned) followed by the new tokens, so ``out[:, input_ids.shape[1]:]`` still
 slices the answer. Other methods see the pruned sequence.
-``Steering.state["fastervlm"]["samples"]``: per sample, per image: ``kept`` indices, ``N``, ``T``, ``sent``
+``Steering.state["fastervlm"]["score"]`` says which visual-token score the family's tower gives (the model's
+``vision_score`` fact): ``"cls"`` (the [CLS] row, the paper's) or ``"received"`` (mean received attention, the
+fallback of towers without [CLS]: Qwen, SigLIP). ``["samples"]``: per sample, per image: ``kept`` indices, ``N``, ``T``, ``sent``
 (tokens sent to the LLM), ``stock`` (tokens the unpruned model gets) and ``offsets`` (each sent token's index
 in the image's stock run); on LLaVA-NeXT ``kept`` / ``T`` per crop under ``crops``.
 """
@@ -195,6 +197,7 @@ class FasterVLM(Method):
             "positions": "original" if self.model.position_scheme == "mrope" else p.positions,
             "next_layout": p.next_layout if self.tiled else None,
             "score_layer": self.score_layer,
+            "score": self.model.vision_score,
             "samples": [],
         }
 

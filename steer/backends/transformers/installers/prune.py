@@ -20,7 +20,7 @@ The call's :class:`~steer.edits.artifacts.PrunedLayout` is published (for consum
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,13 +47,14 @@ class Plan:
     origin: Tensor  # [B, L'] column of each kept token in the caller's row (-1: new padding)
     orig_ids: Tensor
     orig_mask: Tensor | None
-    orig_types: Tensor | None
+    orig_types: Tensor | None  # the caller's mm_token_type_ids (M-RoPE ids are built from them)
     gap_cumsum: Tensor  # [B, L'] pruned tokens before each column (mask-cumsum positions)
     gap_arange: Tensor  # [B, L'] the same for plain arange positions
     total_cumsum: Tensor  # [B] pruned tokens per row
     total_arange: Tensor  # [B] L - L'
     mask: Tensor | None
-    types: Tensor | None
+    types: Tensor | None  # the shortened mm_token_type_ids
+    tokens: dict[str, Tensor] = field(default_factory=dict)  # every per-token input, shortened
 
 
 def check_prune(adapter: Any, edit: PruneVisionTokens) -> None:
@@ -175,8 +176,7 @@ class Pruner:
         new["input_ids"] = plan.ids
         if plan.mask is not None:
             new["attention_mask"] = plan.mask
-        if plan.types is not None:
-            new["mm_token_type_ids"] = plan.types
+        new.update(plan.tokens)  # the adapter's per-token inputs (mm_token_type_ids, token_type_ids)
         encoded = dict(new.get("mm_encoder_outputs") or {})
         encoded["image"] = out
         new["mm_encoder_outputs"] = encoded
@@ -192,6 +192,11 @@ class Pruner:
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         types = kwargs.get("mm_token_type_ids") if self.adapter.position_scheme == "mrope" else None
+        per_token = {
+            k: kwargs[k]
+            for k in self.adapter.per_token_inputs
+            if isinstance(kwargs.get(k), Tensor) and tuple(kwargs[k].shape) == tuple(ids.shape)
+        }
         batch, length = ids.shape
         flags = self.adapter.image_token_mask(ids).cpu()
         if mask is not None:
@@ -245,7 +250,7 @@ class Pruner:
         new_ids = torch.full((batch, width), int(pad_id), dtype=ids.dtype, device=device)
         base_mask = mask if mask is not None else torch.ones_like(ids)
         new_mask = torch.zeros(batch, width, dtype=base_mask.dtype, device=device)
-        new_types = torch.zeros(batch, width, dtype=types.dtype, device=device) if types is not None else None
+        new_tokens = {k: torch.zeros(batch, width, dtype=v.dtype, device=v.device) for k, v in per_token.items()}
         origin = torch.full((batch, width), -1, dtype=torch.long)
         for b in range(batch):
             offset = width - sources[b].numel()
@@ -253,9 +258,8 @@ class Pruner:
             cols = sources[b].to(device)
             new_ids[b, offset:] = ids[b, cols]
             new_mask[b, offset:] = base_mask[b, cols]
-            if new_types is not None:
-                assert types is not None  # new_types exists only when types does
-                new_types[b, offset:] = types[b, cols.to(types.device)]
+            for k, v in per_token.items():
+                new_tokens[k][b, offset:] = v[b, cols.to(v.device)]
         pos0 = (base_mask.long().cumsum(-1) - 1).clamp(min=0).cpu()
         pos1 = (new_mask.long().cumsum(-1) - 1).clamp(min=0).cpu()
         real = (origin >= 0) & new_mask.cpu().bool()
@@ -271,7 +275,8 @@ class Pruner:
             total_cumsum=base_mask.long().sum(dim=1).cpu() - new_mask.long().sum(dim=1).cpu(),
             total_arange=torch.full((batch,), length - width, dtype=torch.long),
             mask=new_mask if mask is not None or bool((kept != width).any()) else None,
-            types=new_types,
+            types=new_tokens.get("mm_token_type_ids") if types is not None else None,
+            tokens=new_tokens,
         )
         return plan, rows
 

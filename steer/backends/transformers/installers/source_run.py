@@ -8,6 +8,12 @@ position and input edits of other methods (they are installed earlier).
 
 Inputs (`steer.edits.kinds.SourceRun`): ``"same"`` (the prefill's own inputs), ``"text_only"`` (the adapter's
 text-only variant of the prompt), or both stacked along the batch.
+
+Image features that reach the language model besides its embeddings (the adapter's ``lm_visual_inputs``:
+Qwen3-VL's DeepStack features and their row mask) stay in a ``"same"`` run and are absent from a
+``"text_only"`` run; stacked rows extend them with image-free rows. A model whose own mask treats image
+tokens specially (Gemma 3's bidirectional images) gets the mask built by the adapter for stacked rows
+(``Adapter.lm_attention_mask``); a ``"same"`` run passes the prefill's own mask through.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ def same_inputs(
     runtime: Runtime, kwargs: dict, args: tuple, ctx: ForwardFacts, length: int | None = None
 ) -> tuple[Inputs, torch.Tensor | None]:
     """The prefill's own language-model inputs (a static cache's mask cut to the prompt) and their padding."""
-    inputs = {k: kwargs[k] for k in _KEYS if kwargs.get(k) is not None}
+    keys = (*_KEYS, *runtime.adapter.lm_visual_inputs)
+    inputs = {k: kwargs[k] for k in keys if kwargs.get(k) is not None}
     if args and "inputs_embeds" not in inputs:  # positional input_ids
         inputs.setdefault("input_ids", args[0])
     reference = inputs.get("inputs_embeds", inputs.get("input_ids"))
@@ -93,21 +100,30 @@ def stacked_inputs(
     runtime: Runtime, parts: tuple[str, ...], kwargs: dict, args: tuple, ctx: ForwardFacts
 ) -> tuple[Inputs, torch.Tensor]:
     """The parts' rows stacked along the batch: embeddings, 2-D masks and explicit positions, the later parts
-    left padded to the first part's width (M-RoPE: [3, B, T] and [4, B, T] positions keep t/h/w)."""
+    left padded to the first part's width (M-RoPE: [3, B, T] and [4, B, T] positions keep t/h/w). The
+    adapter's image-feature inputs are extended with the image-free rows, and the mask is the one the adapter
+    builds for the stacked rows."""
+    adapter = runtime.adapter
     rows: list[Inputs] = []
     width: int | None = None
     for part in parts:
         inputs, padding = BUILDERS[part](runtime, kwargs, args, ctx, width)
         embeds = inputs.get("inputs_embeds")
         if embeds is None:
-            embeds = runtime.adapter.embed_tokens(inputs["input_ids"])
+            embeds = adapter.embed_tokens(inputs["input_ids"])
         batch, width = embeds.shape[0], embeds.shape[1]
         mask = inputs.get("attention_mask")
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             mask = padding if padding is not None else torch.ones(batch, width, dtype=torch.long)
         positions = explicit_positions(runtime, inputs.get("position_ids"), batch, width, embeds.device)
-        rows.append({"inputs_embeds": embeds, "attention_mask": mask.to(embeds.device).long(), "position_ids": positions})
-    if runtime.adapter.position_scheme == "mrope" and len({r["position_ids"].shape[0] for r in rows}) > 1:
+        image = ctx.image_mask if part == "same" else None
+        if image is None or tuple(image.shape) != (batch, width):
+            image = torch.zeros(batch, width, dtype=torch.bool)
+        row = {"inputs_embeds": embeds, "attention_mask": mask.to(embeds.device).long(), "position_ids": positions}
+        row["image"] = image.to(embeds.device)
+        row.update({k: inputs[k] for k in adapter.lm_visual_inputs if inputs.get(k) is not None})
+        rows.append(row)
+    if adapter.position_scheme == "mrope" and len({r["position_ids"].shape[0] for r in rows}) > 1:
         for r in rows:
             r["position_ids"] = r["position_ids"][-3:]  # [3, B, T] with [4, B, T]: keep t/h/w
     first = rows[0]["inputs_embeds"]
@@ -116,7 +132,28 @@ def stacked_inputs(
         "attention_mask": torch.cat([r["attention_mask"].to(first.device) for r in rows], dim=0),
         "position_ids": torch.cat([r["position_ids"] for r in rows], dim=-2),
     }
-    return stacked, stacked["attention_mask"].bool()
+    stacked.update(stacked_visual_inputs(adapter.lm_visual_inputs, rows))
+    padding = stacked["attention_mask"].bool()
+    image = torch.cat([r["image"] for r in rows], dim=0)
+    stacked["attention_mask"] = adapter.lm_attention_mask(stacked["attention_mask"], image, stacked["inputs_embeds"])
+    return stacked, padding
+
+
+def stacked_visual_inputs(kinds: dict[str, str], rows: list[Inputs]) -> Inputs:
+    """The image-feature inputs of stacked rows (``kinds``: the adapter's ``lm_visual_inputs``): a row mask
+    gets False rows for the parts without images; features (in row order) are the parts' features in order."""
+    out: Inputs = {}
+    for key, kind in kinds.items():
+        if not any(key in r for r in rows):
+            continue
+        if kind == "row_mask":
+            out[key] = torch.cat(
+                [r[key].to(r["image"].device).bool() if key in r else torch.zeros_like(r["image"]) for r in rows], dim=0
+            )
+        else:  # features: one entry per layer, each [visual tokens, D] in row order
+            present = [r[key] for r in rows if key in r]
+            out[key] = present[0] if len(present) == 1 else [torch.cat(list(f), dim=0) for f in zip(*present)]
+    return out
 
 
 @installer(SourceRun, rank=30)
@@ -151,4 +188,12 @@ def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
     runtime.add_hook(runtime.adapter.text_model.register_forward_pre_hook(hook, with_kwargs=True))
 
 
-__all__ = ["BUILDERS", "explicit_positions", "install_source_run", "same_inputs", "stacked_inputs", "text_only_inputs"]
+__all__ = [
+    "BUILDERS",
+    "explicit_positions",
+    "install_source_run",
+    "same_inputs",
+    "stacked_inputs",
+    "stacked_visual_inputs",
+    "text_only_inputs",
+]

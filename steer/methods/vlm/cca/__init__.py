@@ -13,10 +13,14 @@ starting at sequence index ``s``:
   decoded token get ``pos0 - Delta_total``. A :class:`~steer.edits.kinds.Positions` edit (the backend
   carries the last token's shift to the decoded tokens).
 * **mask** (prefill): ``allowed[q, k] = ring(k) <= ring(q)`` when q and k are in the same block
-  (bidirectional inside a ring, all outer rings, inner rings hidden), otherwise the ordinary causal
-  ``k <= q`` with k not padding (different blocks: causal between them). Installed as an
-  :class:`~steer.edits.kinds.AttentionMask` with ``mode="replace"`` on every decoder layer at prefill; decode
-  rows are text rows and keep the model's mask.
+  (bidirectional inside a ring, all outer rings, inner rings hidden), otherwise the model's own mask (causal
+  ``k <= q`` with k not padding on a causal model; different blocks: causal between them). Installed as two
+  :class:`~steer.edits.kinds.AttentionMask` edits on every decoder layer at prefill that compose with the
+  model's mask: ``mode="and"`` hides the inner-ring keys of a block, then ``mode="or"`` lets its outer-ring
+  keys in. Inside a block the ring rule thus replaces the model's rule (raster causal, or Gemma 3's
+  bidirectional image); outside, the model's mask stays as it is (padding, sliding windows). On a causal
+  model this is exactly the concentric causal mask of the paper. Decode rows are text rows and keep the
+  model's mask.
 * **Qwen2-VL / Qwen2.5-VL** (M-RoPE; our design): on the merged grid ``H' x W'`` an image at text
   position ``p0`` has stock ids ``t = p0, h = p0 + i, w = p0 + j`` and the next text at
   ``p0 + max(H', W')``. ``mrope="ring_t"``: ``t = p0 + ring`` (h, w, later text and ``rope_deltas``
@@ -58,6 +62,7 @@ from steer.edits.kinds import AttentionMask, Edit, Positions
 from steer.errors import ImageLayoutError
 from steer.methods.vlm.cca.rings import (
     RingBlock,
+    block_region,
     block_rings,
     concentric_mask,
     concentric_positions,
@@ -92,7 +97,8 @@ class CCA(Method):
     """Concentric Causal Attention as declarations (equations in the module docstring).
 
     Edits: a :class:`~steer.edits.kinds.Positions` edit (concentric 1-D ids, or Qwen ``ring_t`` /
-    ``ring_all``) and an :class:`~steer.edits.kinds.AttentionMask` (``mode="replace"``, prefill, all layers).
+    ``ring_all``) and two :class:`~steer.edits.kinds.AttentionMask` edits (``mode="and"`` then ``"or"``,
+    prefill, all layers) that compose the ring rule with the model's own mask.
     The grids come from the image layout fact; on a pruned prompt from the
     :class:`~steer.edits.artifacts.PrunedLayout` artifact.
 
@@ -176,7 +182,8 @@ class CCA(Method):
         if self.positions_on:
             out.append(Positions(fn=self._positions))
         if self.params.mask:
-            out.append(AttentionMask(layers="all", mask=self._mask, mode="replace", phase="prefill"))
+            out.append(AttentionMask(layers="all", mask=self._hide, mode="and", phase="prefill"))
+            out.append(AttentionMask(layers="all", mask=self._allow, mode="or", phase="prefill"))
         return out
 
     # ---- which image is where -------------------------------------------------------------------
@@ -266,8 +273,9 @@ class CCA(Method):
         return position_ids
 
     # ---- the mask -------------------------------------------------------------------------------
-    def _mask(self, ectx: EditContext) -> torch.Tensor | None:
-        """[B, 1, Lq, Lk] bool: ``ring(k) <= ring(q)`` inside a block, causal with real keys elsewhere."""
+    def _mask(self, ectx: EditContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The call's concentric causal mask [B, 1, Lq, Lk] (``ring(k) <= ring(q)`` inside a block, causal with
+        real keys elsewhere: what a causal model attends with) and the same-block region, memoized."""
         if ectx.phase != "prefill":
             return None
         blocks = self._layout(ectx)
@@ -285,7 +293,18 @@ class CCA(Method):
                 for b in range(len(blocks))
             ]
             memo[key] = torch.stack(rows)[:, None]
-        return memo[key]
+            memo[("region", q_len, k_len)] = torch.stack([block_region(q_len, row, k_len) for row in blocks])[:, None]
+        return memo[key], memo[("region", q_len, k_len)]
+
+    def _hide(self, ectx: EditContext) -> torch.Tensor | None:
+        """AND-mask: False on the keys of a block that the ring rule hides (inner rings); True elsewhere."""
+        masks = self._mask(ectx)
+        return None if masks is None else ~(masks[1] & ~masks[0])
+
+    def _allow(self, ectx: EditContext) -> torch.Tensor | None:
+        """OR-mask: True on the keys of a block that the ring rule lets in (its own and outer rings)."""
+        masks = self._mask(ectx)
+        return None if masks is None else masks[1] & masks[0]
 
 
 def _sample(

@@ -155,6 +155,17 @@ def concentric_mask(
     return allowed
 
 
+def block_region(
+    length: int, blocks: Sequence[RingBlock], key_len: int | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """bool [length, key_len]: query and key are in the same block (where CCA's ring rule applies)."""
+    key_len = length if key_len is None else key_len
+    region = torch.zeros(length, key_len, dtype=torch.bool, device=device)
+    for block in blocks:
+        region[block.start : block.end, block.start : block.end] = True
+    return region
+
+
 # --------------------------------------------------------------------------------------------------
 # layouts: where each row's blocks are
 
@@ -273,6 +284,7 @@ def pruned_blocks(
 
 __all__ = [
     "RingBlock",
+    "block_region",
     "block_rings",
     "concentric_mask",
     "concentric_positions",
