@@ -28,13 +28,16 @@ from steer.kernels.reference import (
     _as_4d_mask,
     _check_shapes,
     _coefficients,
+    _gather_keys,
     _num_groups,
     _pad_labels,
     _repeat_kv,
     _rows_mask,
+    _selection,
+    explicit_scores,
 )
 
-__all__ = ["attention_with_lse", "group_reweight"]
+__all__ = ["attention_with_lse", "explicit_score_attention", "group_reweight"]
 
 # On CPU (torch 2.13, 2 cores) the aten kernel beat the math path at every shape tried, down to Lq=1, Lk=8
 # (0.05 ms vs 0.22 ms at 32 heads, D=128), so "auto" never picks math for size alone.
@@ -461,3 +464,61 @@ def _merged_reweight(
         total = (c * masses).sum(-1, keepdim=True)
         acc = acc / torch.where(total > 0, total, torch.ones_like(total))
     return acc.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# explicit scores for a few rows (ScoreEdit)
+
+
+def explicit_score_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    rows: Tensor,
+    keys: Tensor,
+    fn: Callable[[Tensor], Tensor],
+    base: Tensor,
+) -> Tensor:
+    """Attention where the scores of the selected keys are ``fn(a)`` for the selected rows (fused form).
+
+    For an edited row, with T the other allowed keys and I the selected ones:
+    ``o_T, lse_T`` = fused attention over T; ``lse_I = logsumexp(a'_I)``, ``o_I = softmax(a'_I) V_I`` (explicit,
+    fp32); ``o = (e^{lse_T} o_T + e^{lse_I} o_I) / (e^{lse_T} + e^{lse_I})`` (via ``logaddexp``). Other rows are
+    ``base`` [B, H, Lq, D] (the unedited output) unchanged. ``rows`` bool [B, Lq], ``keys`` bool [B, Lk], ``mask``
+    as in :func:`attention_with_lse` (None = every key allowed), ``fn`` maps [B, H, R, K] fp32 scores to the same
+    shape. Returns [B, H, Lq, D] in ``base``'s dtype.
+    """
+    b, hq, hkv, lq, lk = _check_shapes(query, key, value)
+    rows = rows.to(query.device).bool()
+    if not bool(rows.any()):
+        return base
+    keys = keys.to(query.device).bool()[:, :lk]
+    if keys.shape[1] < lk:
+        keys = torch.cat([keys, keys.new_zeros(b, lk - keys.shape[1])], dim=1)
+    row_index, row_valid = _selection(rows)
+    key_index, key_valid = _selection(keys)
+    scores, _ = explicit_scores(query, key, mask, scale, row_index, row_valid, key_index, key_valid, fn)
+    lse_i = torch.logsumexp(scores, dim=-1)  # [B, H, R]
+    finite = torch.isfinite(lse_i)
+    probs = torch.exp(scores - torch.where(finite, lse_i, torch.zeros_like(lse_i))[..., None])
+    o_i = torch.matmul(probs, _gather_keys(value, key_index, hq).float())  # [B, H, R, D]
+
+    q_sel = torch.gather(query, 2, row_index[:, None, :, None].expand(b, hq, row_index.shape[1], query.shape[-1]))
+    other = ~keys[:, None, None, :]
+    if mask is not None:
+        m = _as_4d_mask(mask.to(query.device), b, hq, lq, lk)
+        m = m.expand(b, m.shape[1], lq, lk)
+        m = torch.gather(m, 2, row_index[:, None, :, None].expand(b, m.shape[1], row_index.shape[1], lk))
+        other = other & m
+    o_t, lse_t = attention_with_lse(q_sel, key, value, other, scale)
+    lse = torch.logaddexp(lse_t, lse_i)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w_t = torch.where(torch.isfinite(lse_t), torch.exp(lse_t - safe), torch.zeros_like(lse_t))
+    w_i = torch.where(finite, torch.exp(lse_i - safe), torch.zeros_like(lse_i))
+    merged = w_t[..., None] * o_t.float() + w_i[..., None] * o_i
+    out = base.clone()
+    bi, ri = row_valid.nonzero(as_tuple=True)
+    out[bi, :, row_index[bi, ri]] = merged[bi, :, ri].to(out.dtype)
+    return out
