@@ -362,3 +362,39 @@ def test_beam_lookahead_default_policy_is_beam_search_over_the_candidates() -> N
         assert torch.equal(generate(model, inputs, max_new_tokens=5, num_beams=3), base)
     with pytest.raises(ValueError, match="lookahead"):
         edits.BeamLookahead(policy=lambda b: (lambda s: edits.BeamPolicy()), lookahead="wide")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("lq", [1, 5, 40])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_explicit_scores_fused_equals_reference_on_random_shapes(lq: int, heads: tuple[int, int]) -> None:
+    """Both fused forms (one explicit row for few rows, LSE merge for many) against the materialised reference:
+    GQA, padding and causal masks, key sets of two runs (two images), rows without keys."""
+    from steer.kernels.lse import explicit_score_attention
+    from steer.kernels.reference import eager_attention, explicit_score_reference
+
+    g = torch.Generator().manual_seed(lq)
+    hq, hkv = heads
+    b, lk, d = 3, 48, 8
+    q = torch.randn(b, hq, lq, d, generator=g)
+    k, v = torch.randn(b, hkv, lk, d, generator=g), torch.randn(b, hkv, lk, d, generator=g)
+    pad = torch.zeros(b, lk, dtype=torch.bool)
+    for row, start in enumerate((0, 5, 11)):
+        pad[row, start:] = True
+    causal = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    mask = pad[:, None, None, :] & causal[None, None]
+    keys = torch.zeros(b, lk, dtype=torch.bool)
+    keys[:, 12:20] = True
+    keys[:, 30:34] = True
+    keys[2] = False  # a row without selected keys
+    rows = torch.rand(b, lq, generator=g) > 0.4
+    rows[0, -1] = True
+
+    def fn(s: torch.Tensor) -> torch.Tensor:
+        return s + 0.7 * s.abs() - 0.1 * s.mean(dim=-1, keepdim=True)  # not elementwise: sees the [B, H, R, K] block
+
+    base, _ = eager_attention(q, k, v, mask, 0.35)
+    fused = explicit_score_attention(q, k, v, mask, 0.35, rows, keys, fn, base)
+    reference = explicit_score_reference(q, k, v, mask, 0.35, rows, keys, fn)
+    assert (fused - reference).abs().max() < 1e-5
+    lazy = explicit_score_attention(q, k, v, mask, 0.35, torch.ones_like(rows), keys, fn, lambda: 1 / 0)  # not called
+    assert (lazy - explicit_score_reference(q, k, v, mask, 0.35, torch.ones_like(rows), keys, fn)).abs().max() < 1e-5

@@ -295,8 +295,9 @@ def _steered_attention(
                 )
                 return out.transpose(1, 2)
 
-            # a reweight may not need it: the Triton path computes decode rows and their base in one pass
-            base = backend_output if reweights else backend_output()
+            # a reweight may not need it (the Triton path computes decode rows and their base in one pass), nor
+            # explicit scores that edit every row (a decode step)
+            base = backend_output if (reweights or score_edits) else backend_output()
         if reweights:
             if len(reweights) > 1:
                 raise RuntimeError(
@@ -312,10 +313,11 @@ def _steered_attention(
             base = run_group_reweight(
                 runtime, reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base, base_lse, causal
             )
-        assert isinstance(base, torch.Tensor)  # a function only until the reweight has run
         for score_edit in score_edits:
             rows_mask = mask if mask is not None else (lse.causal_mask(q_len, k_len, query.device) if causal else None)
             base = run_score_edit(score_edit, context_for(score_edit), query, key, value, rows_mask, bias, scale, base)
+        if callable(base):
+            base = base()
         out = base.transpose(1, 2)
     else:
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -370,9 +372,9 @@ def run_score_edit(
     mask: torch.Tensor | None,
     bias: torch.Tensor | None,
     scale: float,
-    base: torch.Tensor,
-) -> torch.Tensor:
-    """Apply one :class:`ScoreEdit` to the layer's output ``base`` [B, H, Lq, D]."""
+    base: torch.Tensor | Callable[[], torch.Tensor],
+) -> torch.Tensor | Callable[[], torch.Tensor]:
+    """Apply one :class:`ScoreEdit` to the layer's output ``base`` [B, H, Lq, D] (or the function computing it)."""
     from steer.kernels.reference import explicit_score_reference
 
     batch, _, q_len, _ = query.shape
@@ -400,7 +402,8 @@ def run_score_edit(
         raise NotImplementedError("a ScoreEdit together with an additive mask on one layer")
     if edit.impl == "reference":
         full = explicit_score_reference(query, key, value, mask, scale, rows, keys, fn)
-        return torch.where(rows[:, None, :, None], full.to(base.dtype), base)
+        plain = base() if callable(base) else base
+        return torch.where(rows[:, None, :, None], full.to(plain.dtype), plain)
     return lse.explicit_score_attention(query, key, value, mask, scale, rows, keys, fn, base)
 
 
