@@ -338,3 +338,20 @@ def test_recipes_hold_the_official_settings() -> None:
         assert handle.params["m3id"]["lam"] == 0.02 and handle.params["m3id"]["gate"] == 0.3
     for family in ("llava-next", "qwen2-vl", "qwen2.5-vl"):
         assert steer.recipe(f"{family}/vcd").methods["vcd"]["seed"] == 42
+
+
+@pytest.mark.parametrize("others", [["vista"], ["vhr"], ["image_attention"]])
+def test_composed_methods_act_on_the_callers_rows_only(others: list[str], recorder: list) -> None:
+    """With other methods' edits in the decoder (residual transforms, head scaling, key-group reweighting), the
+    batched branch (one 2B-row forward) equals the sequential one: their edits never reach the branch's rows."""
+    model, processor = zoo.load_tiny("llava")
+    inputs = batch_inputs(processor, "llava", n=2)
+    runs = {}
+    for batch in ("batched", "sequential"):
+        recorder.clear()
+        with steer.apply(model, [*others, "vcd"], vcd={"distortion": halve, "batch": batch}):
+            tokens = generate(model, inputs, max_new_tokens=3)
+        runs[batch] = (tokens, [(c.clone(), n.clone()) for c, n in recorder])
+    assert torch.equal(runs["batched"][0], runs["sequential"][0])
+    for (c1, n1), (c2, n2) in zip(runs["batched"][1], runs["sequential"][1]):
+        assert (c1 - c2).abs().max() < 1e-5 and (n1 - n2).abs().max() < 1e-5
