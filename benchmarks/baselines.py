@@ -23,6 +23,7 @@ the thread's CPU time, so time the process spends descheduled on a shared machin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -111,7 +112,7 @@ def measure(
             "decode_ms": statistics.median(samples[name]["steps"]) * 1e3,
         }
         if memory:
-            peak = peak_bytes(lambda: run(model, inputs, method, settings, gen, new_tokens), device)
+            peak = peak_bytes(functools.partial(run, model, inputs, method, settings, gen, new_tokens), device)
             results[name]["peak_mb"] = peak / 2**20
     return results
 

@@ -320,7 +320,7 @@ def test_following_source_run_logits_collect_and_batched_equals_sequential() -> 
     for batch in ("batched", "sequential"):
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        def compare(f: torch.Tensor, e: edits.EditContext) -> None:
+        def compare(f: torch.Tensor, e: edits.EditContext, pairs: list = pairs) -> None:
             pairs.append((f.clone(), e.collected("twin")))
             return None
 
