@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of steer's attention kernels: the parity tests compiled for the GPU (no TRITON_INTERPRET), then
-# benchmarks/group_kernels.py on CUDA. Writes everything into OUTDIR; about 1-3 minutes on one H100 (hard limits:
-# 180 s tests + 150 s benchmark + a few s of probes, so < 5 min in every case).
+# benchmarks/group_kernels.py on CUDA, then benchmarks/baselines.py on CUDA (VCD / PAI / M3ID per-token decode vs
+# greedy with the batched and the sequential branch, OPERA vs beam 5; goal: VCD and PAI <= 1.3x greedy per token
+# with the batched branch). Writes everything into OUTDIR; about 2-5 minutes on one H100 (hard limits: 180 s
+# tests + 150 s kernel benchmark + 200 s baselines + a few s of probes, so < 9 min in every case).
 #
 #   benchmarks/gpu_check.sh OUTDIR
 #
@@ -11,8 +13,10 @@
 # OUTDIR/bench.log      the benchmark table (prefill 1k/4k/16k, decode with a 4k cache; bf16, H=32, D=128), then
 #                       the tile sweep (the Triton kernel alone at other tiles / warps / KV splits, 4k first)
 # OUTDIR/bench.jsonl    its rows as JSON
-# OUTDIR/summary.txt    exit codes, the pytest result line, the benchmark table
-# Python: $PYTHON, else .venv/bin/python, else python3. Exit status: 0 iff tests and benchmark passed.
+# OUTDIR/baselines.log  the baselines table (bf16, 1057-token prompt, 32 new tokens, median of 5 runs)
+# OUTDIR/baselines.json its rows as JSON
+# OUTDIR/summary.txt    exit codes, the pytest result line, the benchmark tables
+# Python: $PYTHON, else .venv/bin/python, else python3. Exit status: 0 iff tests and both benchmarks passed.
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -58,6 +62,11 @@ timeout 150 "$PY" benchmarks/group_kernels.py --device cuda --lengths 1024,4096,
 rc_bench=$?
 t2=$(date +%s)
 
+timeout 200 "$PY" benchmarks/baselines.py --device cuda --new-tokens 32 --repeats 5 --json "$OUT/baselines.json" \
+    > "$OUT/baselines.log" 2>&1
+rc_base=$?
+t3=$(date +%s)
+
 {
     echo "tests: exit $rc_tests ($((t1 - t0)) s; 124 = timed out)"
     grep -E "[0-9]+ (passed|failed|errors?)" "$OUT/pytest.log" | tail -n 1
@@ -66,8 +75,11 @@ t2=$(date +%s)
     echo "benchmark: exit $rc_bench ($((t2 - t1)) s)"
     cat "$OUT/bench.log"
     echo
-    echo "total $((t2 - t0)) s"
+    echo "baselines: exit $rc_base ($((t3 - t2)) s)"
+    cat "$OUT/baselines.log"
+    echo
+    echo "total $((t3 - t0)) s"
 } > "$OUT/summary.txt"
 cat "$OUT/summary.txt"
 
-[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]
+[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ] && [ "$rc_base" -eq 0 ]

@@ -60,3 +60,9 @@ class IncompatibleMethodsError(SteerError, ValueError):
 
 class EvalInputError(SteerError, ValueError):
     """Unusable evaluation input: a missing file, a malformed record, an unknown option or id."""
+
+
+class DecodingModeError(SteerError, ValueError):
+    """A method (or one of its options) that needs another decoding mode than the call uses: a sampling-only
+    option under greedy decoding, a beam-search method without beams or with sampling, an output the method's
+    decoding loop cannot give."""

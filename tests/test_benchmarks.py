@@ -101,3 +101,36 @@ def test_group_kernels_sweep_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         if "error" not in row:
             assert row["kernel_ms"] > 0 and row["max_abs_diff_default"] < 1e-5
     assert sum(1 for line in out.read_text().splitlines() if json.loads(line).get("sweep")) == len(rows)
+
+
+def test_baselines_rows_on_a_tiny_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """benchmarks/baselines.py measures every row against its reference (greedy / beam 5) on a tiny model."""
+    import json
+
+    import torch
+
+    from steer import zoo
+
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports its siblings attention_methods.py and memory.py
+    try:
+        spec = importlib.util.spec_from_file_location("bench_baselines", BENCHMARKS / "baselines.py")
+        assert spec is not None and spec.loader is not None
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    model, processor = zoo.load_tiny("llava")
+    inputs = dict(zoo.make_inputs(processor, "llava", [zoo.chat_prompt("llava", "Describe.")], [[zoo.sample_image(1)]]))
+    monkeypatch.setattr(bench, "build", lambda device, dtype: (model, inputs))
+    threads = torch.get_num_threads()
+    out = tmp_path / "rows.json"
+    try:
+        rows = bench.main(  # type: ignore[attr-defined]
+            ["--new-tokens", "3", "--repeats", "1", "--variants", "vcd (batched branch),opera (tree look-ahead)", "--json", str(out)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert list(rows) == ["beam 5 (unsteered)", "greedy (unsteered)", "vcd (batched branch)", "opera (tree look-ahead)"]
+    for row in rows.values():
+        assert row["decode_ms"] > 0 and row["prefill_ms"] > 0 and row["peak_mb"] > 0
+    assert json.loads(out.read_text())["results"].keys() == rows.keys()

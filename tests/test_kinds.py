@@ -290,3 +290,154 @@ def test_typed_refusals_at_apply() -> None:
         edits.MethodWrap(module="model", name="get_image_features", fn=lambda o, a, k, e: o(*a, **k)),
     ]
     steer.apply(model, fitting).remove()
+
+
+# ---- kinds of issue 16: ScoreEdit, Collect of logits and probabilities, following SourceRun, BeamLookahead ----
+
+
+def _attention_inputs(model: Any, inputs: Any, layer: int) -> dict[str, torch.Tensor]:
+    """Query/key/value of decoder layer ``layer`` in a plain (eager) forward, captured from its attention call."""
+    seen: dict[str, torch.Tensor] = {}
+    attn = adapter_for(model).attention(layer)
+    modeling = __import__(type(attn).__module__, fromlist=["eager_attention_forward"])
+    original = modeling.eager_attention_forward
+
+    def capture(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any) -> Any:
+        if module is attn:
+            seen.update(query=query, key=key, value=value, mask=mask, scaling=kw.get("scaling"))
+        return original(module, query, key, value, mask, **kw)
+
+    modeling.eager_attention_forward = capture
+    try:
+        model.config.text_config._attn_implementation = "eager"
+        logits(model, inputs)
+    finally:
+        modeling.eager_attention_forward = original
+        model.config.text_config._attn_implementation = "sdpa"
+    return seen
+
+
+def test_score_edit_and_probs_collect_equal_hand_computation() -> None:
+    """ScoreEdit on the last real row of each sample: softmax of the edited score row times V, computed by hand from
+    the layer's captured q/k/v; the probabilities collect equals the plain softmax of the same rows."""
+    model, processor = zoo.load_tiny("llava")
+    inputs = batch_inputs(processor, "llava")
+    layer = 2
+    captured = _attention_inputs(model, inputs, layer)
+    q, k, v, mask, scale = captured["query"], captured["key"], captured["value"], captured["mask"], captured["scaling"]
+    groups = q.shape[1] // k.shape[1]  # GQA: each key/value head serves `groups` query heads
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    image = inputs["input_ids"] == model.config.image_token_id
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + mask.float()  # [B, H, T, T]
+    last = scores[:, :, -1].clone()  # left padding: the last column is every row's last real token
+    plain_probs = torch.softmax(scores, dim=-1)
+    edited = torch.where(image[:, None, :], last * 3.0 - 1.0, last)
+    hand = torch.matmul(torch.softmax(edited, dim=-1)[:, :, None], v.float())[:, :, 0]  # [B, H, D]
+    got: dict[str, torch.Tensor] = {}
+
+    def read_out(out: torch.Tensor, e: edits.EditContext) -> None:
+        got["out"] = out[:, -1].clone()
+        got["probs"] = e.collected("probs", layer)
+        return None
+
+    for impl in ("fused", "reference"):
+        edit = edits.ScoreEdit(layers=[layer], fn=lambda s, e: s * 3.0 - 1.0, impl=impl)
+        collect = edits.Collect(name="probs", site="layer.attn.probs", layers=[layer])
+        with steer.apply(model, [collect, edit, edits.HeadOutputEdit(layers=[layer], fn=read_out)]):
+            logits(model, inputs)
+        assert (got["out"] - hand).abs().max() < 1e-5
+        real = inputs["attention_mask"].bool()[:, None, :, None] & inputs["attention_mask"].bool()[:, None, None, :]
+        assert (got["probs"] - plain_probs).masked_fill(~real, 0).abs().max() < 1e-6
+    with pytest.raises(steer.MissingImageTokensError):
+        with steer.apply(model, edits.ScoreEdit(layers=[1], fn=lambda s, e: s)):
+            with torch.no_grad():
+                model(inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]), attention_mask=inputs["attention_mask"])
+
+
+def test_following_source_run_logits_collect_and_batched_equals_sequential() -> None:
+    """A branch on the caller's own inputs ('same') that follows decoding reproduces the caller's logits at every
+    step (its own cache, its own lm_head call), batched and sequential alike; the caller's tokens are untouched."""
+    model, processor = zoo.load_tiny("qwen2_vl")
+    inputs = batch_inputs(processor, "qwen2_vl")
+    base = generate(model, inputs, max_new_tokens=4)
+    for batch in ("batched", "sequential"):
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def compare(f: torch.Tensor, e: edits.EditContext, pairs: list = pairs) -> None:
+            pairs.append((f.clone(), e.collected("twin")))
+            return None
+
+        spec = [
+            edits.SourceRun(name="twin", inputs="same", follow=True, batch=batch),
+            edits.Collect(name="twin", site="logits", runs=("twin",)),
+            edits.LogitsTransform(fn=compare),
+        ]
+        with steer.apply(model, spec):
+            assert torch.equal(generate(model, inputs, max_new_tokens=4, num_beams=2), generate_plain_beams(model, inputs))
+            pairs.clear()
+            assert torch.equal(generate(model, inputs, max_new_tokens=4), base)
+        assert len(pairs) == 4
+        for main, twin in pairs:
+            assert (main - twin).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="distort"):
+        edits.SourceRun(name="x", inputs="distorted")
+    with pytest.raises(ValueError, match="one kind of inputs"):
+        edits.SourceRun(name="x", inputs=("same", "text_only"), follow=True)
+    with pytest.raises(ValueError, match="batch"):
+        edits.SourceRun(name="x", follow=True, batch="both")  # type: ignore[arg-type]
+
+
+def generate_plain_beams(model: Any, inputs: Any) -> torch.Tensor:
+    runtime = Runtime.of(model)
+    assert runtime is not None
+    with runtime.disabled():
+        return generate(model, inputs, max_new_tokens=4, num_beams=2)
+
+
+def test_beam_lookahead_default_policy_is_beam_search_over_the_candidates() -> None:
+    """The base policy scores candidates by their logits: with C = V that is stock beam search, token for token."""
+    model, processor = zoo.load_tiny("llava")
+    inputs = batch_inputs(processor, "llava")
+    vocab = model.config.text_config.vocab_size
+    base = generate(model, inputs, max_new_tokens=5, num_beams=3)
+    edit = edits.BeamLookahead(policy=lambda batch: (lambda sample: edits.BeamPolicy()), candidates=vocab)
+    with steer.apply(model, edit):
+        assert torch.equal(generate(model, inputs, max_new_tokens=5, num_beams=3), base)
+    with pytest.raises(ValueError, match="lookahead"):
+        edits.BeamLookahead(policy=lambda b: (lambda s: edits.BeamPolicy()), lookahead="wide")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("lq", [1, 5, 40])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_explicit_scores_fused_equals_reference_on_random_shapes(lq: int, heads: tuple[int, int]) -> None:
+    """Both fused forms (one explicit row for few rows, LSE merge for many) against the materialised reference:
+    GQA, padding and causal masks, key sets of two runs (two images), rows without keys."""
+    from steer.kernels.lse import explicit_score_attention
+    from steer.kernels.reference import eager_attention, explicit_score_reference
+
+    g = torch.Generator().manual_seed(lq)
+    hq, hkv = heads
+    b, lk, d = 3, 48, 8
+    q = torch.randn(b, hq, lq, d, generator=g)
+    k, v = torch.randn(b, hkv, lk, d, generator=g), torch.randn(b, hkv, lk, d, generator=g)
+    pad = torch.zeros(b, lk, dtype=torch.bool)
+    for row, start in enumerate((0, 5, 11)):
+        pad[row, start:] = True
+    causal = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    mask = pad[:, None, None, :] & causal[None, None]
+    keys = torch.zeros(b, lk, dtype=torch.bool)
+    keys[:, 12:20] = True
+    keys[:, 30:34] = True
+    keys[2] = False  # a row without selected keys
+    rows = torch.rand(b, lq, generator=g) > 0.4
+    rows[0, -1] = True
+
+    def fn(s: torch.Tensor) -> torch.Tensor:
+        return s + 0.7 * s.abs() - 0.1 * s.mean(dim=-1, keepdim=True)  # not elementwise: sees the [B, H, R, K] block
+
+    base, _ = eager_attention(q, k, v, mask, 0.35)
+    fused = explicit_score_attention(q, k, v, mask, 0.35, rows, keys, fn, base)
+    reference = explicit_score_reference(q, k, v, mask, 0.35, rows, keys, fn)
+    assert (fused - reference).abs().max() < 1e-5
+    lazy = explicit_score_attention(q, k, v, mask, 0.35, torch.ones_like(rows), keys, fn, lambda: 1 / 0)  # not called
+    assert (lazy - explicit_score_reference(q, k, v, mask, 0.35, torch.ones_like(rows), keys, fn)).abs().max() < 1e-5

@@ -323,6 +323,18 @@ class Adapter:
             blocks = tuple(b.shifted(start) for b in self.image_blocks(count, meta))
         return ImageSpan(start, end, index, blocks)
 
+    # ---- preprocessed pixels per image (auxiliary passes on distorted images) -----------------------
+    def image_pixels(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """Each image's preprocessed pixels as [S, C, H, W], in processor order, from the arguments of
+        ``get_image_features`` (``pixel_values`` and the family's ``image_sizes`` / ``image_grid_thw``).
+        LLaVA-1.5: ``pixel_values`` [N, C, H, W], S = 1 per image."""
+        pixels = inputs["pixel_values"]
+        return [pixels[i : i + 1] for i in range(pixels.shape[0])]
+
+    def with_image_pixels(self, inputs: dict[str, Any], images: list[torch.Tensor]) -> torch.Tensor:
+        """``pixel_values`` rebuilt from per-image tensors in the layout of :meth:`image_pixels` (the inverse)."""
+        return torch.cat(images, dim=0).to(inputs["pixel_values"].dtype)
+
     # ---- text-only variant of a prompt (auxiliary passes) -----------------------------------------
     def text_only_inputs(
         self, prompt_ids: torch.Tensor, padding: torch.Tensor | None, length: int | None = None

@@ -89,6 +89,19 @@ class LlavaNextAdapter(ClipScoring, PruningAdapter, Adapter):
             return None
         return [(next_image_layout(self.config, s)[0], tuple(s)) for s in sizes.tolist()]
 
+    def image_pixels(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """``pixel_values`` [N, P, C, H, W] (P crops per image, padded to the longest): each image's [P, C, H, W]."""
+        pixels = inputs["pixel_values"]
+        if isinstance(pixels, (list, tuple)):
+            return [p if p.dim() == 4 else p[None] for p in pixels]
+        return [pixels[i] for i in range(pixels.shape[0])]
+
+    def with_image_pixels(self, inputs: dict[str, Any], images: list[torch.Tensor]) -> torch.Tensor:
+        pixels = inputs["pixel_values"]
+        if isinstance(pixels, (list, tuple)):
+            return [x.to(p.dtype) for x, p in zip(images, pixels)]  # type: ignore[return-value]
+        return torch.stack(images, dim=0).to(pixels.dtype)
+
     def image_blocks(self, count: int, meta: Any) -> tuple[ImageBlock, ...]:
         """The base ``n x n`` grid, then (when the run holds more than one newline) the high-res grid with
         newline slots, from the image size ``meta``."""

@@ -65,6 +65,33 @@ class Qwen2VLAdapter(PruningAdapter, Adapter):
             )  # fmt: skip
         return (ImageBlock(0, count, "image", (hh, ww), frames=t),)
 
+    # ---- preprocessed pixels per image ---------------------------------------------------------------
+    def _patch_shape(self) -> tuple[int, int, int]:
+        vision = self.config.vision_config
+        channels = int(getattr(vision, "in_channels", None) or getattr(vision, "in_chans", None) or 3)
+        return channels, int(vision.temporal_patch_size), int(vision.patch_size)
+
+    def image_pixels(self, inputs: dict[str, Any]) -> list[Tensor]:
+        """``pixel_values`` [sum N_i, C·t·p·p] (each row one patch laid out (C, t, p, p), the t temporal copies of
+        a still image identical): each image's N_i patches as [N_i, C, p, p] (the first temporal copy)."""
+        pixels, grid = inputs["pixel_values"], inputs.get("image_grid_thw")
+        if not isinstance(grid, Tensor):
+            raise ValueError("Qwen image pixels need image_grid_thw (from the processor)")
+        c, t, p = self._patch_shape()
+        out, start = [], 0
+        for n in grid.prod(-1).tolist():
+            patches = pixels[start : start + n].reshape(n, c, t, p, p)
+            out.append(patches[:, :, 0])
+            start += n
+        return out
+
+    def with_image_pixels(self, inputs: dict[str, Any], images: list[Tensor]) -> Tensor:
+        """The inverse of :meth:`image_pixels`: each image's [N_i, C, p, p] broadcast over the t temporal copies."""
+        pixels = inputs["pixel_values"]
+        c, t, p = self._patch_shape()
+        rows = [x[:, :, None].expand(x.shape[0], c, t, p, p).reshape(x.shape[0], -1) for x in images]
+        return torch.cat(rows, dim=0).to(pixels.dtype)
+
     # ---- vision sites -------------------------------------------------------------------------------
     @property
     def vision_tower(self) -> nn.Module:

@@ -54,6 +54,8 @@ class ForwardFacts:
     - ``padding_mask`` [B, L] bool: the 2-D attention mask of this call (True = real token);
     - ``inputs``: the other model inputs of the prefill (``image_grid_thw``, ``image_sizes``...);
     - ``logits_to_keep``: which positions ``lm_head`` projects in this call (0 = all);
+    - ``generation``: the decoding settings when the call runs inside ``generate`` (``do_sample``,
+      ``num_beams``, ``num_return_sequences``), else None;
     - ``call``: the :class:`CallStore` of the call this forward belongs to.
     """
 
@@ -66,6 +68,7 @@ class ForwardFacts:
     padding_mask: torch.Tensor | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
     logits_to_keep: Any = 0
+    generation: dict[str, Any] | None = None
     forward_index: int = 0
     call: CallStore = field(default_factory=CallStore)
     derived: dict[Any, Any] = field(default_factory=dict, repr=False)

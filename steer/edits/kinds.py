@@ -15,11 +15,14 @@ edit                     site                               what it does
 `Transform`              ``layer.in/out``, ``layer.mlp.out``  any function of a residual-stream tensor
 `ResidualAdd`            ``layer.out``                      h_l <- h_l + v (a `Transform`)
 `Collect`                any tensor site                    store (a function of) a tensor for later edits
-`SourceRun`              ``lm.inputs``                      an auxiliary pass of the language model
+`ScoreEdit`              ``layer.attn.scores``              explicit pre-softmax scores for a few rows and keys
+`SourceRun`              ``lm.inputs``                      an auxiliary pass of the language model (or a branch
+                                                            that follows decoding with its own KV cache)
 `Positions`              ``lm.inputs``                      new position ids (1-D or M-RoPE) at prefill
 `PruneVisionTokens`      ``vision.out``                     keep some visual tokens, drop the rest
 `LogitsTransform`        ``logits``                         f <- g(f) on the final logits
 `InputEdit`              ``lm.inputs``                      change the language model's keyword arguments
+`BeamLookahead`          ``generate``                       a beam search whose step scores a policy sets
 `ModuleHook`             (a module path)                    escape hatch: a forward (pre-)hook
 `MethodWrap`             (a module path)                    escape hatch: wrap a method of a submodule
 =======================  =================================  ==============================================
@@ -335,7 +338,13 @@ class Collect(LayerEdit):
     ``fn(x, ectx) -> value`` (default: ``x`` itself) runs on the tensor after ``select``: ``"all"``
     positions, each row's ``"last"`` real token ([B, ...] instead of [B, T, ...]), or the positions
     ``lm_head`` projects (``"kept"``, for ``layer.logits``). Read it back with
-    ``ectx.collected(name, layer)``. ``layers`` is ignored for sites without layers.
+    ``ectx.collected(name, layer)``. ``layers`` is ignored for sites without layers (``"logits"``: stored under
+    layer None).
+
+    Two sites are read-only views the other kinds do not have: ``"logits"`` (the final logits of the run, e.g.
+    of an auxiliary :class:`SourceRun` branch, [B, T', V]) and ``"layer.attn.probs"`` (the post-softmax
+    attention probabilities of the call's query rows, [B, H, Lq, Lk] fp32, computed explicitly for those rows
+    only; the layer's output is untouched).
     """
 
     stage: ClassVar[str] = "residual"
@@ -349,25 +358,47 @@ class Collect(LayerEdit):
     runs: tuple[str, ...] = (MAIN,)
 
     def __post_init__(self) -> None:
-        allowed = ("layer.in", "layer.out", "layer.mlp.out", "layer.attn.head_out", "layer.logits", "layer.logits.normed")
+        allowed = (
+            "layer.in", "layer.out", "layer.mlp.out", "layer.attn.head_out", "layer.attn.probs", "layer.logits",
+            "layer.logits.normed", "logits",
+        )  # fmt: skip
         if self.site not in allowed:
             raise ValueError(f"Collect.site must be one of {', '.join(allowed)}, got {self.site!r}")
         if self.select not in ("all", "last", "kept"):
             raise ValueError(f"Collect.select must be 'all', 'last' or 'kept', got {self.select!r}")
 
 
-SourceInputs = Union[Literal["same", "text_only"], tuple[str, ...]]
+SourceInputs = Union[Literal["same", "text_only", "distorted"], tuple[str, ...]]
+BranchBatch = Literal["auto", "batched", "sequential"]
 
 
 @dataclass
 class SourceRun(Edit):
-    """An auxiliary pass of the language model, once per prefill, before the caller's own.
+    """An auxiliary pass of the language model: once per prefill, before the caller's own, or, with ``follow``,
+    a branch that runs beside every forward of the call with its own KV cache.
 
     ``inputs``: ``"same"`` (the prefill's own language-model inputs: embeddings, mask, positions),
     ``"text_only"`` (the prompt without its image tokens, re-padded on the left, with text-only positions:
-    the adapter's fact), or a tuple of those stacked along the batch (rows of each part, the later parts
-    left padded to the first's width). The pass runs without a cache and without gradients, with every edit
-    off except the ones that list this run's ``name`` in their ``runs`` (e.g. a :class:`Collect`).
+    the adapter's fact), ``"distorted"`` (the prefill's own inputs with each image's features recomputed from
+    ``distort(pixels)``: the tower and projector run on the distorted pixels once per image), or a tuple of
+    those stacked along the batch (rows of each part, the later parts left padded to the first's width). The
+    pass runs without gradients, with every edit off except the ones that list this run's ``name`` in their
+    ``runs`` (e.g. a :class:`Collect`; ``Collect(site="logits")`` reads the branch's final logits).
+
+    ``follow=True`` (one part): the branch follows decoding. At the prefill it runs its inputs into its own
+    cache; at each later forward of the call it runs the same new tokens (their embeddings), with its own mask
+    (its prompt's padding, then the call's mask over the generated tokens) and positions (its prompt's next
+    positions; the call's own positions for ``"same"``/``"distorted"``), and its cache follows every beam
+    reorder of the call's cache (``reorder=False``: it does not, a known bug some official code has). Its
+    logits are those of the positions the call projects (``"text_only"``: each row's last position).
+    ``batch``: ``"batched"`` runs the branch's rows in the caller's forward (one forward of 2B rows, the
+    caller's cache holding both branches; edits of the caller act on its own rows only), ``"sequential"`` runs
+    a separate forward per call, ``"auto"`` batches where the call allows it (a dynamic cache, 2-D masks).
+    Both give the same logits (to float rounding).
+
+    ``distort(pixels) -> pixels``: one image's preprocessed pixels in the adapter's per-image layout
+    ([S, C, H, W]: S = 1 for LLaVA-1.5, the crops of a LLaVA-NeXT image, the patches of a Qwen image with its
+    temporal copies folded), called once per image in processor order.
     """
 
     site: str = field(default="lm.inputs", init=False, repr=False)
@@ -376,13 +407,61 @@ class SourceRun(Edit):
     name: str
     inputs: SourceInputs = "same"
     phase: Phase = "prefill"
+    follow: bool = False
+    distort: Callable[[torch.Tensor], torch.Tensor] | None = None
+    batch: BranchBatch = "auto"
+    reorder: bool = True
+
+    def __post_init__(self) -> None:
+        parts = self.parts()
+        if self.batch not in ("auto", "batched", "sequential"):
+            raise ValueError(f"SourceRun.batch must be 'auto', 'batched' or 'sequential', got {self.batch!r}")
+        if "distorted" in parts and self.distort is None:
+            raise ValueError("SourceRun(inputs='distorted') needs distort=callable(pixels) -> pixels")
+        if self.follow and len(parts) != 1:
+            raise ValueError(f"SourceRun(follow=True) takes one kind of inputs, got {self.inputs!r}")
 
     def parts(self) -> tuple[str, ...]:
         parts = (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs)
-        bad = [p for p in parts if p not in ("same", "text_only")]
+        bad = [p for p in parts if p not in ("same", "text_only", "distorted")]
         if bad or not parts:
-            raise ValueError(f"SourceRun.inputs: use 'same', 'text_only' or a tuple of them, got {self.inputs!r}")
+            raise ValueError(
+                f"SourceRun.inputs: use 'same', 'text_only', 'distorted' or a tuple of them, got {self.inputs!r}"
+            )
         return parts
+
+    @property
+    def aligned(self) -> bool:
+        """The branch's positions are the caller's (``"same"``/``"distorted"``): logits compare position by position."""
+        return all(p != "text_only" for p in self.parts())
+
+
+KeySelection = Union[Literal["image"], Callable[[EditContext], Union[torch.Tensor, None]]]
+RowSelection = Union[Literal["last"], Callable[[EditContext], Union[torch.Tensor, None]]]
+
+
+@dataclass
+class ScoreEdit(AttentionEdit):
+    """Explicit pre-softmax scores for a few query rows: ``a_j <- fn(a, ectx)_j`` for the selected keys j.
+
+    ``a_j = scale * q·k_j + bias_j`` (the masked score of key j; masked keys stay masked). For the ``rows`` it
+    selects (``"last"``: each row's last real query position of the call, i.e. the row that predicts the next
+    token; or a callable returning bool [B, Lq], None = no change), the scores of the ``keys`` it selects
+    (``"image"``: the prompt's image tokens; or a callable returning bool [B, <= Lk]) are computed explicitly
+    ([B, H, R, K] fp32, R rows and K keys per batch row, padded slots masked) and replaced by ``fn(a, ectx)``
+    (same shape; only the allowed entries are used). The other keys keep their scores; then softmax and ·V. The
+    fused path merges the two parts by log-sum-exp (the fused kernel over the other keys, the explicit block
+    over the selected ones); ``impl="reference"`` materialises the whole score row (tests).
+    """
+
+    site: str = field(default="layer.attn.scores", init=False, repr=False)
+
+    layers: LayerSelection
+    fn: Callable[[torch.Tensor, EditContext], torch.Tensor]
+    keys: KeySelection = "image"
+    rows: RowSelection = "last"
+    phase: Phase = "all"
+    impl: Literal["fused", "reference"] = "fused"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,6 +535,98 @@ class InputEdit(Edit):
 
 
 # --------------------------------------------------------------------------------------------------
+# decoding
+
+
+@dataclass
+class BeamStep:
+    """What a :class:`BeamPolicy` sees at one step of one sample's beam search (nb running beams).
+
+    - ``step``: tokens generated so far (this step picks token ``step``); ``prompt_len``: P, the padded prompt
+      length (generated token g sits at sequence index P + g);
+    - ``logits`` [nb, V] fp32: the raw next-token logits of each running beam (before logits processors);
+    - ``candidates`` [nb, C]: each beam's top-C tokens of ``logits``;
+    - ``rows`` [nb, C, P + step + 1] or None: the attention row of each candidate placed after its beam (the
+      policy's layer, max over query heads, divided by its sum over keys); None when the policy did not ask;
+    - ``history`` (list of [nb, P + g + 1], g < step): the same rows of the tokens each running beam generated
+      (its lineage);
+    - ``image_keys`` [P] bool: the sample's image-token positions; ``sample``/``batch_size``: which sample of
+      how many.
+    """
+
+    step: int
+    prompt_len: int
+    logits: torch.Tensor
+    candidates: torch.Tensor
+    rows: torch.Tensor | None
+    history: list[torch.Tensor]
+    image_keys: torch.Tensor
+    sample: int = 0
+    batch_size: int = 1
+
+
+class BeamPolicy:
+    """The method's side of a :class:`BeamLookahead` search for one sample (one instance per sample and call).
+
+    The backend runs the model and the stock beam bookkeeping; the policy decides the candidates' scores and
+    when to roll back. Default: plain beam search over the candidates.
+    """
+
+    def needs_rows(self, step: int) -> bool:
+        """Whether step ``step`` needs the candidates' attention rows (a look-ahead forward)."""
+        return False
+
+    def scores(self, view: BeamStep) -> torch.Tensor:
+        """The candidates' scores y [nb, C] in logit units (``-inf`` drops a candidate); the backend takes
+        ``log_softmax`` over the candidates (every other token ``-inf``), runs the logits processors and adds
+        the running beam scores."""
+        return view.logits.gather(1, view.candidates)
+
+    def rollback(self, step: int) -> int | None:
+        """Checked after :meth:`scores` at step ``step``: the earlier step to redo (<= ``step``), or None."""
+        return None
+
+    def restore(self, step: int) -> None:
+        """A rollback to ``step`` happened: forget what was recorded after it."""
+
+    def redone(self, step: int) -> None:
+        """Step ``step`` was redone (full vocabulary, the earlier choices at that step banned, no policy scores)."""
+
+
+@dataclass
+class BeamLookahead(Edit):
+    """Replace ``generate``'s beam search by one whose step scores a policy sets (``model.generate`` stays the
+    caller's only call; removed again by ``remove()``).
+
+    Per sample (one beam loop per sample after a joint prefill) and step: each running beam's top
+    ``candidates`` tokens of its raw logits; when the policy asks, a look-ahead forward gives each candidate's
+    attention row at decoder layer ``layer`` (``lookahead="tree"``: one forward of nb·C query tokens, each seeing
+    its beam's cache and itself, whose logits and K/V are kept for the chosen candidates; ``"sequential"``: C
+    one-token forwards, each cropped off the cache again); the policy's scores -> ``log_softmax`` over the
+    candidates -> the call's logits processors -> the stock beam bookkeeping (finished hypotheses, length
+    penalty, early stopping). A rollback (policy) restores the beams, finished hypotheses and rows of an
+    earlier step, replays the cache from the prompt and redoes that step over the full vocabulary with the
+    tokens chosen there in every earlier pass banned. ``policy(batch_size)`` makes the policy of each sample of
+    one call (``policy(batch_size)(sample)``), ``on_done(policies)`` is called when the call ends.
+    """
+
+    site: str = field(default="generate", init=False, repr=False)
+    stage: ClassVar[str] = "logits"
+
+    policy: Callable[[int], Callable[[int], BeamPolicy]]
+    candidates: int = 5
+    layer: int = -1
+    lookahead: Literal["tree", "sequential"] = "tree"
+    on_done: Callable[[list[BeamPolicy]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.lookahead not in ("tree", "sequential"):
+            raise ValueError(f"BeamLookahead.lookahead must be 'tree' or 'sequential', got {self.lookahead!r}")
+        if self.candidates < 1:
+            raise ValueError(f"BeamLookahead.candidates must be >= 1, got {self.candidates}")
+
+
+# --------------------------------------------------------------------------------------------------
 # escape hatches (for users; built-in methods do not use them)
 
 
@@ -501,6 +672,9 @@ __all__ = [
     "MAIN",
     "AttentionEdit",
     "AttentionMask",
+    "BeamLookahead",
+    "BeamPolicy",
+    "BeamStep",
     "Collect",
     "Edit",
     "GroupReweight",
@@ -515,6 +689,7 @@ __all__ = [
     "Positions",
     "PruneVisionTokens",
     "ResidualAdd",
+    "ScoreEdit",
     "SourceRun",
     "TensorEdit",
     "Transform",

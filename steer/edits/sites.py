@@ -17,10 +17,12 @@ SITES: dict[str, str] = {
     "layer.out": "the residual stream leaving decoder layer l, [B, T, D]",
     "layer.mlp.out": "decoder layer l's MLP output, before it is added to the residual stream, [B, T, D]",
     "layer.attn.scores": "decoder layer l's attention scores and probabilities (inside steer's attention function)",
+    "layer.attn.probs": "decoder layer l's post-softmax attention probabilities of the call's query rows, [B, H, Lq, Lk] (read only)",
     "layer.attn.head_out": "decoder layer l's attention output per head, the input of its output projection, [B, T, H, d]",
     "layer.logits": "lm_head applied to layer l's output (logit lens), [B, T', V]",
     "layer.logits.normed": "lm_head applied to the final norm of layer l's output, [B, T', V]",
     "logits": "the final logits, [B, T', V]",
+    "generate": "the decoding loop of ``model.generate`` (a method's own beam search)",
     # vision side
     "vision.layer.attn": "vision layer l's attention (visual-token scores: [CLS] row or mean received attention)",
     "vision.out": "the image features the language model receives (one run of tokens per image)",

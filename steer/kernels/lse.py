@@ -28,13 +28,16 @@ from steer.kernels.reference import (
     _as_4d_mask,
     _check_shapes,
     _coefficients,
+    _gather_keys,
     _num_groups,
     _pad_labels,
     _repeat_kv,
     _rows_mask,
+    _selection,
+    explicit_scores,
 )
 
-__all__ = ["attention_with_lse", "group_reweight"]
+__all__ = ["attention_with_lse", "explicit_score_attention", "group_reweight"]
 
 # On CPU (torch 2.13, 2 cores) the aten kernel beat the math path at every shape tried, down to Lq=1, Lk=8
 # (0.05 ms vs 0.22 ms at 32 heads, D=128), so "auto" never picks math for size alone.
@@ -461,3 +464,134 @@ def _merged_reweight(
         total = (c * masses).sum(-1, keepdim=True)
         acc = acc / torch.where(total > 0, total, torch.ones_like(total))
     return acc.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# explicit scores for a few rows (ScoreEdit)
+
+
+def explicit_score_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    rows: Tensor,
+    keys: Tensor,
+    fn: Callable[[Tensor], Tensor],
+    base: Tensor | Callable[[], Tensor],
+) -> Tensor:
+    """Attention where the scores of the selected keys are ``fn(a)`` for the selected rows (fused form).
+
+    For an edited row, with T the other allowed keys and I the selected ones:
+    ``o_T, lse_T`` = fused attention over T; ``lse_I = logsumexp(a'_I)``, ``o_I = softmax(a'_I) V_I`` (explicit,
+    fp32); ``o = (e^{lse_T} o_T + e^{lse_I} o_I) / (e^{lse_T} + e^{lse_I})`` (via ``logaddexp``). With at most
+    ``MATH_MAX_ROWS`` edited rows per batch row the same output comes from one explicit score row over every key
+    (GQA by reshaping the query, K/V never repeated), ``fn`` written into its selected columns, softmax, ·V (as
+    the math path of :func:`attention_with_lse` would compute it anyway). Other rows are ``base`` [B, H, Lq, D]
+    (the unedited output, or the function that computes it: not called when every row is edited) unchanged.
+    ``rows`` bool [B, Lq], ``keys`` bool [B, Lk], ``mask`` as in :func:`attention_with_lse` (None = every key
+    allowed), ``fn`` maps [B, H, R, K] fp32 scores to the same shape. Returns [B, H, Lq, D].
+    """
+    b, hq, hkv, lq, lk = _check_shapes(query, key, value)
+    rows = rows.to(query.device).bool()
+    if not bool(rows.any()):
+        return base() if callable(base) else base
+    keys = keys.to(query.device).bool()[:, :lk]
+    if keys.shape[1] < lk:
+        keys = torch.cat([keys, keys.new_zeros(b, lk - keys.shape[1])], dim=1)
+    row_index, row_valid = _selection(rows)
+    key_index, key_valid = _selection(keys)
+    if row_index.shape[1] <= MATH_MAX_ROWS:
+        merged = _explicit_rows(query, key, value, mask, scale, row_index, row_valid, key_index, key_valid, fn)
+    else:
+        merged = _merged_rows(query, key, value, mask, scale, keys, row_index, row_valid, key_index, key_valid, fn)
+    if callable(base):
+        base = query.new_zeros(b, hq, lq, value.shape[-1]) if bool(rows.all()) else base()
+    out = base.clone()
+    bi, ri = row_valid.nonzero(as_tuple=True)
+    out[bi, :, row_index[bi, ri]] = merged[bi, :, ri].to(out.dtype)
+    return out
+
+
+def _row_mask(mask: Tensor | None, b: int, hq: int, lq: int, lk: int, row_index: Tensor) -> Tensor | None:
+    """The mask of the selected rows, [B, 1|H, R, Lk]."""
+    if mask is None:
+        return None
+    m = _as_4d_mask(mask.to(row_index.device), b, hq, lq, lk)
+    m = m.expand(b, m.shape[1], lq, lk)
+    return torch.gather(m, 2, row_index[:, None, :, None].expand(b, m.shape[1], row_index.shape[1], lk))
+
+
+def _explicit_rows(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    row_index: Tensor,
+    row_valid: Tensor,
+    key_index: Tensor,
+    key_valid: Tensor,
+    fn: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Few rows: the whole score row explicit (fp32), the selected columns replaced by ``fn``, softmax, ·V."""
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    r, n = hq // hkv, row_index.shape[1]
+    q = torch.gather(query, 2, row_index[:, None, :, None].expand(b, hq, n, d)).float()
+    scores = torch.matmul(q.reshape(b, hkv, r, n, d), key.float()[:, :, None].transpose(-1, -2)) * scale
+    scores = scores.reshape(b, hq, n, lk)
+    allowed = row_valid[:, None, :, None].expand(b, 1, n, lk)
+    m = _row_mask(mask, b, hq, lq, lk, row_index)
+    if m is not None:
+        allowed = allowed & m
+    allowed = allowed.expand(b, hq, n, lk)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # padded key slots point at the row's first selected key and carry its value (a deterministic scatter)
+    index = torch.where(key_valid, key_index, key_index[:, :1])[:, None, None, :].expand(b, hq, n, -1)
+    a = scores.gather(-1, index)
+    ok = allowed.gather(-1, index) & key_valid[:, None, None, :]
+    edited = fn(torch.where(ok, a, torch.zeros_like(a))).float()
+    if edited.shape != a.shape:
+        raise ValueError(f"a score function returned shape {tuple(edited.shape)} for scores {tuple(a.shape)}")
+    edited = torch.where(ok, edited, torch.full_like(edited, float("-inf")))
+    edited = torch.where(key_valid[:, None, None, :], edited, edited[..., :1])
+    scores = scores.scatter(-1, index, edited)
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    out = torch.matmul(probs.reshape(b, hkv, r, n, lk), value.float()[:, :, None])
+    return out.reshape(b, hq, n, -1)
+
+
+def _merged_rows(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    keys: Tensor,
+    row_index: Tensor,
+    row_valid: Tensor,
+    key_index: Tensor,
+    key_valid: Tensor,
+    fn: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Many rows: the fused kernel over the other keys, the selected block explicit, merged by log-sum-exp."""
+    b, hq, lq, _ = query.shape
+    lk = key.shape[2]
+    scores, _ = explicit_scores(query, key, mask, scale, row_index, row_valid, key_index, key_valid, fn)
+    lse_i = torch.logsumexp(scores, dim=-1)  # [B, H, R]
+    finite = torch.isfinite(lse_i)
+    probs = torch.exp(scores - torch.where(finite, lse_i, torch.zeros_like(lse_i))[..., None])
+    o_i = torch.matmul(probs, _gather_keys(value, key_index, hq).float())  # [B, H, R, D]
+    q_sel = torch.gather(query, 2, row_index[:, None, :, None].expand(b, hq, row_index.shape[1], query.shape[-1]))
+    other = ~keys[:, None, None, :]
+    m = _row_mask(mask, b, hq, lq, lk, row_index)
+    if m is not None:
+        other = other & m
+    o_t, lse_t = attention_with_lse(q_sel, key, value, other, scale)
+    lse = torch.logaddexp(lse_t, lse_i)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w_t = torch.where(torch.isfinite(lse_t), torch.exp(lse_t - safe), torch.zeros_like(lse_t))
+    w_i = torch.where(finite, torch.exp(lse_i - safe), torch.zeros_like(lse_i))
+    return w_t[..., None] * o_t.float() + w_i[..., None] * o_i

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["eager_attention", "group_reweight_reference"]
+__all__ = ["eager_attention", "explicit_score_reference", "explicit_scores", "group_reweight_reference"]
 
 Coefficients = Callable[[Tensor], Tensor]
 
@@ -178,3 +178,86 @@ def group_reweight_reference(
         out = torch.where(sel[:, None, :, None], out, base)
         new = torch.where(sel[:, None, :, None], new, probs)
     return (out, new) if return_probs else out
+
+
+def _selection(flags: Tensor) -> tuple[Tensor, Tensor]:
+    """bool [B, N] -> (index [B, n] of the True columns, left-aligned and padded with 0; valid [B, n])."""
+    counts = flags.sum(dim=1)
+    n = max(int(counts.max()) if flags.numel() else 0, 1)
+    order = torch.argsort((~flags).to(torch.int8), dim=1, stable=True)[:, :n]
+    valid = torch.arange(n, device=flags.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def _gather_keys(x: Tensor, index: Tensor, heads: int) -> Tensor:
+    """x [B, Hkv, Lk, D] gathered along Lk with index [B, K], then repeated to ``heads`` heads -> [B, H, K, D]."""
+    b, hkv, _, d = x.shape
+    picked = torch.gather(x, 2, index[:, None, :, None].expand(b, hkv, index.shape[1], d))
+    return _repeat_kv(picked, heads // hkv)
+
+
+def explicit_scores(
+    query: Tensor,
+    key: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    row_index: Tensor,
+    row_valid: Tensor,
+    key_index: Tensor,
+    key_valid: Tensor,
+    fn: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """The edited scores ``a' = fn(a)`` of the selected rows and keys, [B, H, R, K] fp32 (``-inf`` where not
+    allowed), and the allowed flags. ``a = scale · q kᵀ`` of the rows ``row_index`` and keys ``key_index``."""
+    b, hq = query.shape[:2]
+    q = torch.gather(query, 2, row_index[:, None, :, None].expand(b, hq, row_index.shape[1], query.shape[-1]))
+    k = _gather_keys(key, key_index, hq)
+    a = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    allowed = row_valid[:, None, :, None] & key_valid[:, None, None, :]
+    if mask is not None:
+        m = _as_4d_mask(mask.to(query.device), b, hq, query.shape[2], key.shape[2])
+        m = m.expand(b, m.shape[1], m.shape[2], m.shape[3])
+        m = torch.gather(m, 2, row_index[:, None, :, None].expand(b, m.shape[1], row_index.shape[1], m.shape[3]))
+        m = torch.gather(m, 3, key_index[:, None, None, :].expand(b, m.shape[1], m.shape[2], key_index.shape[1]))
+        allowed = allowed & m
+    allowed = allowed.expand(a.shape)
+    edited = fn(torch.where(allowed, a, torch.zeros_like(a))).float()
+    if edited.shape != a.shape:
+        raise ValueError(f"a score function returned shape {tuple(edited.shape)} for scores {tuple(a.shape)}")
+    return torch.where(allowed, edited, torch.full_like(edited, float("-inf"))), allowed
+
+
+def explicit_score_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    rows: Tensor,
+    keys: Tensor,
+    fn: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Reference of `steer.kernels.lse.explicit_score_attention`: the whole score matrix materialised (fp32),
+    ``fn`` applied to the [B, H, R, K] block of the selected rows and keys (as the fused form hands it),
+    written back, softmax, ·V. Returns [B, H, Lq, D] in the input dtype."""
+    b, hq, hkv, lq, lk = _check_shapes(query, key, value)
+    k = _repeat_kv(key, hq // hkv).float()
+    v = _repeat_kv(value, hq // hkv).float()
+    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~_as_4d_mask(mask.to(query.device), b, hq, lq, lk), float("-inf"))
+    keys = keys.bool()[:, :lk]
+    if keys.shape[1] < lk:
+        keys = torch.cat([keys, keys.new_zeros(b, lk - keys.shape[1])], dim=1)
+    row_index, row_valid = _selection(rows.bool())
+    key_index, key_valid = _selection(keys)
+    edited, allowed = explicit_scores(query, key, mask, scale, row_index, row_valid, key_index, key_valid, fn)
+    for bi in range(b):
+        for r in range(row_index.shape[1]):
+            if not bool(row_valid[bi, r]):
+                continue
+            row = int(row_index[bi, r])
+            cols = key_index[bi][key_valid[bi]]
+            scores[bi, :, row, cols] = edited[bi, :, r, : cols.numel()]
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    return torch.matmul(probs, v).to(query.dtype)

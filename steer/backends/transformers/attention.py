@@ -25,7 +25,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from steer.backends.transformers.collected import select, store
 from steer.edits.context import EditContext
-from steer.edits.kinds import AttentionMask, Collect, GroupReweight, HeadOutputEdit, HeadScale, evaluate
+from steer.edits.kinds import (
+    AttentionMask,
+    Collect,
+    GroupReweight,
+    HeadOutputEdit,
+    HeadScale,
+    ScoreEdit,
+    evaluate,
+)
 from steer.errors import MissingImageTokensError
 from steer.kernels import lse
 
@@ -186,17 +194,67 @@ def steer_attention(
     if not edits:
         return backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
+    main_rows = runtime.main_rows
+    if main_rows is not None and query.shape[0] > main_rows:
+        # a batched auxiliary branch: its rows (after the caller's) run the original backend, unedited
+        first = _batch_slice(attention_mask, 0, main_rows, query.shape[0])
+        rest = _batch_slice(attention_mask, main_rows, query.shape[0], query.shape[0])
+        out_main = _steered_attention(
+            module, runtime, tag.layer, edits, backend_name, backend,
+            query[:main_rows], key[:main_rows], value[:main_rows], first, scaling, dropout, kwargs,
+        )  # fmt: skip
+        out_rest, _ = backend(
+            module, query[main_rows:], key[main_rows:], value[main_rows:], rest, scaling=scaling, dropout=dropout, **kwargs
+        )
+        return torch.cat([out_main, out_rest.to(out_main.dtype)], dim=0).contiguous(), None
+    out = _steered_attention(
+        module, runtime, tag.layer, edits, backend_name, backend, query, key, value, attention_mask, scaling, dropout, kwargs
+    )
+    return out, None
+
+
+def _batch_slice(mask: Any, start: int, stop: int, total: int) -> Any:
+    """Rows ``start:stop`` of a mask whose batch dimension is ``total`` (broadcast masks and None unchanged)."""
+    if isinstance(mask, torch.Tensor) and mask.dim() >= 1 and mask.shape[0] == total and total > 1:
+        return mask[start:stop]
+    if mask is None or isinstance(mask, torch.Tensor):
+        return mask
+    raise NotImplementedError(
+        "a batched auxiliary branch cannot split this attention mask (a block mask); use batch='sequential'"
+    )
+
+
+def _steered_attention(
+    module: torch.nn.Module,
+    runtime: Runtime,
+    layer: int,
+    edits: list[Any],
+    backend_name: str,
+    backend: Callable[..., tuple[torch.Tensor, Any]],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None,
+    dropout: float,
+    kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """The edited layer's output [B, Lq, H, D] (contiguous, the query's dtype)."""
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
     scale = scaling if scaling is not None else head_dim**-0.5
     mask_edits = [e for e in edits if isinstance(e, AttentionMask)]
     reweights = [e for e in edits if isinstance(e, GroupReweight)]
-    output_edits = [e for e in edits if isinstance(e, (HeadScale, HeadOutputEdit, Collect))]
+    score_edits: list[ScoreEdit] = [e for e in edits if isinstance(e, ScoreEdit)]
+    prob_collects: list[Collect] = [e for e in edits if isinstance(e, Collect) and e.site == "layer.attn.probs"]
+    output_edits = [
+        e for e in edits if isinstance(e, (HeadScale, HeadOutputEdit)) or (isinstance(e, Collect) and e.site == "layer.attn.head_out")
+    ]
 
     def context_for(edit: Any) -> EditContext:
-        return runtime.edit_context(edit, tag.layer, q_len, k_len)
+        return runtime.edit_context(edit, layer, q_len, k_len)
 
-    if mask_edits or reweights:
+    if mask_edits or reweights or score_edits or prob_collects:
         # SDPA's is_causal prefill: the triangle stays implicit (an [Lq, Lk] tensor is O(L²)) until a mask
         # edit needs it; the reweight then builds only its edited rows' part, or none (Triton)
         causal = attention_mask is None and q_len == k_len and q_len > 1
@@ -220,6 +278,9 @@ def steer_attention(
                 mask = value_.bool().expand(batch, -1, q_len, k_len)
             else:
                 bias = value_ if bias is None else bias + value_
+        for collect in prob_collects:
+            allowed = mask if mask is not None else lse.causal_mask(q_len, k_len, query.device)
+            store(collect, context_for(collect), attention_probs(query, key, allowed, bias, scale))
         base_lse = None
         base: torch.Tensor | Callable[[], torch.Tensor]
         if changed:
@@ -236,20 +297,29 @@ def steer_attention(
                 )
                 return out.transpose(1, 2)
 
-            # a reweight may not need it: the Triton path computes decode rows and their base in one pass
-            base = backend_output if reweights else backend_output()
+            # a reweight may not need it (the Triton path computes decode rows and their base in one pass), nor
+            # explicit scores that edit every row (a decode step)
+            base = backend_output if (reweights or score_edits) else backend_output()
         if reweights:
             if len(reweights) > 1:
                 raise RuntimeError(
-                    f"layer {tag.layer}: {len(reweights)} GroupReweight edits are active; combine them into one "
+                    f"layer {layer}: {len(reweights)} GroupReweight edits are active; combine them into one "
                     "(one coefficient function over the union of groups)"
                 )
             if bias is not None:
                 raise NotImplementedError("GroupReweight together with an additive mask on one layer")
+            if score_edits:
+                raise NotImplementedError(
+                    f"layer {layer}: a GroupReweight and a ScoreEdit on one layer; apply the methods to different layers"
+                )
             base = run_group_reweight(
                 runtime, reweights[0], context_for(reweights[0]), query, key, value, mask, scale, base, base_lse, causal
             )
-        assert isinstance(base, torch.Tensor)  # a function only until the reweight has run
+        for score_edit in score_edits:
+            rows_mask = mask if mask is not None else (lse.causal_mask(q_len, k_len, query.device) if causal else None)
+            base = run_score_edit(score_edit, context_for(score_edit), query, key, value, rows_mask, bias, scale, base)
+        if callable(base):
+            base = base()
         out = base.transpose(1, 2)
     else:
         out, _ = backend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -258,7 +328,85 @@ def steer_attention(
             collect_head_out(out_edit, out, context_for(out_edit))
         else:
             out = out_edit.apply(out, context_for(out_edit))
-    return out.to(query.dtype).contiguous(), None
+    return out.to(query.dtype).contiguous()
+
+
+def attention_probs(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Post-softmax probabilities of the call's query rows, [B, H, Lq, Lk] fp32 (masked keys 0)."""
+    scores = torch.matmul(query.float(), repeat_kv(key, query.shape[1]).float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.float()
+    scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
+    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# explicit scores for a few rows
+
+
+def score_rows(edit: ScoreEdit, ectx: EditContext, batch: int, q_len: int, device: torch.device) -> torch.Tensor | None:
+    """bool [B, Lq]: the rows ``edit`` changes (``"last"``: each row's last real query position of the call)."""
+    if callable(edit.rows):
+        rows = edit.rows(ectx)
+        return None if rows is None else rows.to(device).bool()
+    ctx = ectx.forward
+    out = torch.zeros(batch, q_len, dtype=torch.bool, device=device)
+    padding = ctx.padding_mask
+    past = ctx.past_length
+    if padding is None or padding.shape[1] < past + q_len or padding.shape[0] != batch:
+        out[:, -1] = True
+        return out
+    real = padding[:, past : past + q_len].to(device).bool()
+    has = real.any(dim=1)
+    last = (q_len - 1) - real.flip(dims=[1]).long().argmax(dim=1)
+    out[torch.arange(batch, device=device)[has], last[has]] = True
+    return out
+
+
+def run_score_edit(
+    edit: ScoreEdit,
+    ectx: EditContext,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: float,
+    base: torch.Tensor | Callable[[], torch.Tensor],
+) -> torch.Tensor | Callable[[], torch.Tensor]:
+    """Apply one :class:`ScoreEdit` to the layer's output ``base`` [B, H, Lq, D] (or the function computing it)."""
+    from steer.kernels.reference import explicit_score_reference
+
+    batch, _, q_len, _ = query.shape
+    k_len = key.shape[2]
+    rows = score_rows(edit, ectx, batch, q_len, query.device)
+    if rows is None or not bool(rows.any()):
+        return base
+    if edit.keys == "image":
+        keys = ectx.forward.key_image_mask(k_len, query.device)
+        if keys is None:
+            raise MissingImageTokensError(
+                "ScoreEdit(keys='image') needs input_ids to find the image tokens; the model was called with "
+                "inputs_embeds only."
+            )
+    else:
+        keys = edit.keys(ectx)
+        if keys is None:
+            return base
+    keys = keys.to(query.device).bool()
+
+    def fn(scores: torch.Tensor) -> torch.Tensor:
+        return edit.fn(scores, ectx)
+
+    if bias is not None:
+        raise NotImplementedError("a ScoreEdit together with an additive mask on one layer")
+    if edit.impl == "reference":
+        full = explicit_score_reference(query, key, value, mask, scale, rows, keys, fn)
+        plain = base() if callable(base) else base
+        return torch.where(rows[:, None, :, None], full.to(plain.dtype), plain)
+    return lse.explicit_score_attention(query, key, value, mask, scale, rows, keys, fn, base)
 
 
 def collect_head_out(edit: Collect, out: torch.Tensor, ectx: EditContext) -> None:

@@ -112,6 +112,22 @@ class Runtime(HandleRuntime):
                 self._local.context = old_ctx
 
     @property
+    def main_rows(self) -> int | None:
+        """In a forward that carries a batched auxiliary branch after the caller's rows: how many rows are the
+        caller's (edits act on those only); None otherwise."""
+        return getattr(self._local, "main_rows", None)
+
+    @contextlib.contextmanager
+    def stacked(self, rows: int) -> Iterator[None]:
+        """Within the block the forward's first ``rows`` rows are the caller's, the rest a branch's."""
+        old = getattr(self._local, "main_rows", None)
+        self._local.main_rows = rows
+        try:
+            yield
+        finally:
+            self._local.main_rows = old
+
+    @property
     def in_forward(self) -> bool:
         return getattr(self._local, "depth", 0) > 0
 
@@ -218,6 +234,7 @@ class Runtime(HandleRuntime):
         self.add_hook(model.register_forward_pre_hook(self._capture_context, with_kwargs=True))
         self.add_hook(model.register_forward_hook(self._leave_forward, always_call=True))
         self.images.install(self)
+        self._note_generation(model)
         for edit in ordered(edits):
             install(self, edit)
         self.wrap(model, "generate", self._wrap_generate)  # outermost: pruning's wrapper runs inside it
@@ -257,8 +274,29 @@ class Runtime(HandleRuntime):
             attention_fn.forget_original_backend(config)
             self._saved_impl = None
         self.images.clear()
-        for name in ("context", "run", "pending", "depth"):
+        for name in ("context", "run", "pending", "depth", "main_rows", "generation"):
             self._local.__dict__.pop(name, None)
+
+    def _note_generation(self, model: nn.Module) -> None:
+        """Note the decoding settings of each ``generate`` call (the :class:`ForwardFacts` ``generation`` fact):
+        ``generate`` resolves its config once, before the prefill, in ``_prepare_generation_config``."""
+        if not hasattr(model, "_prepare_generation_config"):  # pragma: no cover - every generative model has it
+            return
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def prepare(*args: Any, **kwargs: Any) -> Any:
+                out = original(*args, **kwargs)
+                config = out[0] if isinstance(out, tuple) else out
+                self._local.generation = {
+                    "do_sample": bool(getattr(config, "do_sample", False)),
+                    "num_beams": int(getattr(config, "num_beams", 1) or 1),
+                    "num_return_sequences": int(getattr(config, "num_return_sequences", 1) or 1),
+                }
+                return out
+
+            return prepare
+
+        self.wrap(model, "_prepare_generation_config", make)
 
     # ---- per-forward context --------------------------------------------------------------------------
     def _leave_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -311,6 +349,7 @@ class Runtime(HandleRuntime):
                 padding_mask=padding,
                 inputs=inputs,
                 logits_to_keep=keep,
+                generation=self._local.__dict__.pop("generation", None),
                 call=call,
             )
             self._check_image_tokens()
@@ -399,6 +438,14 @@ def _register_site_hook(module: nn.Module, site: TensorSite, runtime: Runtime) -
 
 
 def _run_ops(site: TensorSite, x: torch.Tensor, runtime: Runtime) -> torch.Tensor | None:
+    rows = runtime.main_rows
+    if rows is not None and x.shape[0] > rows:  # a batched branch's rows follow the caller's: left unedited
+        new = _run_ops_on(site, x[:rows], runtime)
+        return None if new is None else torch.cat([new, x[rows:]], dim=0)
+    return _run_ops_on(site, x, runtime)
+
+
+def _run_ops_on(site: TensorSite, x: torch.Tensor, runtime: Runtime) -> torch.Tensor | None:
     phase = runtime.context.phase
     changed = False
     for op in site.ops:

@@ -3,8 +3,11 @@
 from steer.methods.vlm import (  # noqa: F401
     cca,
     fastervlm,
+    opera,
+    pai,
     primitives,
     var,
+    vcd,
     vhr,
     vista,
 )

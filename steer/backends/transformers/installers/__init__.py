@@ -12,11 +12,13 @@ Adding a kind = one new module here that registers its installer (and an import 
 
 from steer.backends.transformers.installers import (  # noqa: F401  (each module registers its installer)
     attention,
+    decoding,
     escape,
     inputs,
     logits,
     positions,
     prune,
+    scores,
     source_run,
     tensor_sites,
 )

@@ -1,4 +1,5 @@
-"""``SourceRun`` (site ``lm.inputs``): an auxiliary pass of the language model before the caller's prefill.
+"""``SourceRun`` (site ``lm.inputs``): an auxiliary pass of the language model before the caller's prefill, or
+(``follow=True``) a branch that follows decoding with its own cache (`steer.backends.transformers.branches`).
 
 A pre-hook on the language model runs, once per call at prefill, the model's text stack on the run's inputs
 (no cache, no gradients) with the current run set to the run's key, so only the edits that list it act
@@ -7,7 +8,8 @@ begins, so the auxiliary call never re-enters a half-finished forward; it sees t
 position and input edits of other methods (they are installed earlier).
 
 Inputs (`steer.edits.kinds.SourceRun`): ``"same"`` (the prefill's own inputs), ``"text_only"`` (the adapter's
-text-only variant of the prompt), or both stacked along the batch.
+text-only variant of the prompt), ``"distorted"`` (the prefill's inputs with distorted images), or several
+stacked along the batch.
 
 Image features that reach the language model besides its embeddings (the adapter's ``lm_visual_inputs``:
 Qwen3-VL's DeepStack features and their row mask) stay in a ``"same"`` run and are absent from a
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from steer.backends.transformers.branches import distorted_embeddings, install_branch, install_distortion
 from steer.backends.transformers.installers.registry import installer
 from steer.backends.transformers.masks import padding_of, prompt_mask
 from steer.backends.transformers.runs import run_key
@@ -76,11 +79,32 @@ def text_only_inputs(
     return inputs, inputs["attention_mask"].bool()
 
 
+def distorted_inputs(
+    runtime: Runtime, kwargs: dict, args: tuple, ctx: ForwardFacts, length: int | None = None, edit: Any = None
+) -> tuple[Inputs, torch.Tensor | None]:
+    """The prefill's own inputs with the image features recomputed from the distorted pixels
+    (`steer.backends.transformers.branches.distorted_embeddings`)."""
+    inputs, padding = same_inputs(runtime, kwargs, args, ctx)
+    embeds = inputs.pop("inputs_embeds", None)
+    if embeds is None:
+        embeds = runtime.adapter.embed_tokens(inputs.pop("input_ids"))
+    inputs.pop("input_ids", None)
+    inputs["inputs_embeds"] = distorted_embeddings(runtime, edit, embeds, ctx)
+    return inputs, padding
+
+
 #: How each part of a SourceRun's inputs is built (tests substitute entries).
 BUILDERS: dict[str, Callable[..., tuple[Inputs, torch.Tensor | None]]] = {
     "same": same_inputs,
     "text_only": text_only_inputs,
+    "distorted": distorted_inputs,
 }
+
+
+def _build(part: str, runtime: Runtime, kwargs: dict, args: tuple, ctx: ForwardFacts, length: int | None, edit: SourceRun) -> tuple[Inputs, torch.Tensor | None]:
+    if part == "distorted":
+        return BUILDERS[part](runtime, kwargs, args, ctx, length, edit=edit)
+    return BUILDERS[part](runtime, kwargs, args, ctx, length)
 
 
 def explicit_positions(runtime: Runtime, positions: torch.Tensor | None, batch: int, width: int, device: Any) -> torch.Tensor:
@@ -97,7 +121,7 @@ def explicit_positions(runtime: Runtime, positions: torch.Tensor | None, batch: 
 
 
 def stacked_inputs(
-    runtime: Runtime, parts: tuple[str, ...], kwargs: dict, args: tuple, ctx: ForwardFacts
+    runtime: Runtime, parts: tuple[str, ...], kwargs: dict, args: tuple, ctx: ForwardFacts, edit: SourceRun | None = None
 ) -> tuple[Inputs, torch.Tensor]:
     """The parts' rows stacked along the batch: embeddings, 2-D masks and explicit positions, the later parts
     left padded to the first part's width (M-RoPE: [3, B, T] and [4, B, T] positions keep t/h/w). The
@@ -107,7 +131,10 @@ def stacked_inputs(
     rows: list[Inputs] = []
     width: int | None = None
     for part in parts:
-        inputs, padding = BUILDERS[part](runtime, kwargs, args, ctx, width)
+        inputs, padding = (
+            _build(part, runtime, kwargs, args, ctx, width, edit) if edit is not None
+            else BUILDERS[part](runtime, kwargs, args, ctx, width)
+        )  # fmt: skip
         embeds = inputs.get("inputs_embeds")
         if embeds is None:
             embeds = adapter.embed_tokens(inputs["input_ids"])
@@ -116,7 +143,7 @@ def stacked_inputs(
         if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             mask = padding if padding is not None else torch.ones(batch, width, dtype=torch.long)
         positions = explicit_positions(runtime, inputs.get("position_ids"), batch, width, embeds.device)
-        image = ctx.image_mask if part == "same" else None
+        image = ctx.image_mask if part in ("same", "distorted") else None
         if image is None or tuple(image.shape) != (batch, width):
             image = torch.zeros(batch, width, dtype=torch.bool)
         row = {"inputs_embeds": embeds, "attention_mask": mask.to(embeds.device).long(), "position_ids": positions}
@@ -158,8 +185,13 @@ def stacked_visual_inputs(kinds: dict[str, str], rows: list[Inputs]) -> Inputs:
 
 @installer(SourceRun, rank=30)
 def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
+    if edit.follow:
+        install_branch(runtime, edit)
+        return
     parts = edit.parts()
     key = run_key(edit.owner, edit.name)
+    if "distorted" in parts:
+        install_distortion(runtime, edit)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if runtime.run != MAIN:
@@ -172,9 +204,9 @@ def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
             return None
         done[key] = True
         if len(parts) == 1:
-            inputs, padding = BUILDERS[parts[0]](runtime, kwargs, args, ctx)
+            inputs, padding = _build(parts[0], runtime, kwargs, args, ctx, None, edit)
         else:
-            inputs, padding = stacked_inputs(runtime, parts, kwargs, args, ctx)
+            inputs, padding = stacked_inputs(runtime, parts, kwargs, args, ctx, edit)
         reference = inputs.get("inputs_embeds", inputs.get("input_ids"))
         assert reference is not None  # every builder gives embeddings or ids
         facts = dataclasses.replace(
@@ -190,6 +222,7 @@ def install_source_run(runtime: Runtime, edit: SourceRun) -> None:
 
 __all__ = [
     "BUILDERS",
+    "distorted_inputs",
     "explicit_positions",
     "install_source_run",
     "same_inputs",

@@ -1,5 +1,6 @@
 """Tensor edits and collects at per-layer sites: ``layer.in``, ``layer.out``, ``layer.mlp.out``, the logit
-lens (``layer.logits``, ``layer.logits.normed``) and, through the attention function, ``layer.attn.head_out``.
+lens (``layer.logits``, ``layer.logits.normed``), the final ``logits`` and, through the attention function,
+``layer.attn.head_out`` and ``layer.attn.probs``.
 
 Every edit on one module point runs from one hook, in apply order (`steer.backends.transformers.runtime`).
 """
@@ -33,8 +34,11 @@ def install_transform(runtime: Runtime, edit: TensorEdit) -> None:
 
 @installer(Collect)
 def install_collect(runtime: Runtime, edit: Collect) -> None:
+    if edit.site == "logits":
+        _install_logits_collect(runtime, edit)
+        return
     layers = edit.resolve_layers(runtime.adapter.num_layers)
-    if edit.site == "layer.attn.head_out":
+    if edit.site in ("layer.attn.head_out", "layer.attn.probs"):
         for layer in layers:
             runtime.add_attention_edit(layer, edit)
         return
@@ -55,6 +59,20 @@ def install_collect(runtime: Runtime, edit: Collect) -> None:
             return None
 
         site.ops.append(op)
+
+
+def _install_logits_collect(runtime: Runtime, edit: Collect) -> None:
+    """``Collect(site="logits")``: the final logits of the runs it lists (a hook on ``lm_head``; stored under layer
+    None). Runs before the logits edits of the same call (installed later)."""
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not runtime.active(edit, runtime.context.phase):
+            return None
+        ectx = runtime.edit_context(edit)
+        store(edit, ectx, select(output, edit.select, ectx))
+        return None
+
+    runtime.add_hook(runtime.adapter.lm_head.register_forward_hook(hook))
 
 
 __all__ = ["install_collect", "install_transform"]
