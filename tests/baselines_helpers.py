@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor
 
+from steer import zoo
 from steer.adapters import adapter_for
 
 
@@ -99,15 +101,32 @@ def no_cache_logits(model: Any, inputs: dict[str, Any], sequences: torch.Tensor)
         return model(**kw, use_cache=False).logits[:, -1].float()
 
 
-def text_only_logits(model: Any, family: str, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Last-position logits of ``sequences`` with every image token (Qwen: and its delimiters) removed, each row
-    re-padded on the left and run as a text-only prompt by the unsteered model (no cache)."""
+#: Token names (regular expressions) of the image delimiters and markers of the newer families' prompts:
+#: Gemma 3 ``<start_of_image>`` / ``<end_of_image>``, InternVL ``<img>`` / ``</img>``, SmolVLM the fake tokens around
+#: each sub-image, its ``<row_i_col_j>`` marker and ``<global-img>``.
+IMAGE_MARKERS = {
+    "gemma3": r"<start_of_image>|<end_of_image>",
+    "internvl": r"</?img>",
+    "smolvlm": r"<fake_token_around_image>|<global-img>|<row_\d+_col_\d+>",
+}
+
+
+def text_only_logits(
+    model: Any, family: str, sequences: torch.Tensor, mask: torch.Tensor, prompt_len: int | None = None
+) -> torch.Tensor:
+    """Last-position logits of ``sequences`` with every image token (and the family's delimiters) of the first
+    ``prompt_len`` columns removed, each row re-padded on the left and run as a text-only prompt by the unsteered
+    model (no cache)."""
     cfg = model.config
     drop = [cfg.image_token_id]
     if family.startswith("qwen"):
         drop += [cfg.vision_start_token_id, cfg.vision_end_token_id]
-    rows = [s[m.bool()] for s, m in zip(sequences, mask)]
-    rows = [r[~torch.isin(r, torch.tensor(drop))] for r in rows]
+    elif family in IMAGE_MARKERS:  # the delimiters and markers the family's processor writes around images
+        vocab = zoo.load_processor(zoo.tiny_path(family)).tokenizer.get_vocab()
+        drop += [i for t, i in vocab.items() if re.fullmatch(IMAGE_MARKERS[family], t)]
+    prompt = mask.shape[1] if prompt_len is None else prompt_len  # generated tokens are text, whatever they are
+    dropped = torch.isin(sequences, torch.tensor(drop)) & (torch.arange(sequences.shape[1]) < prompt)
+    rows = [s[m.bool() & ~d] for s, m, d in zip(sequences, mask, dropped)]
     width = max(len(r) for r in rows)
     ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
     real = torch.stack(
@@ -133,3 +152,8 @@ def same_fingerprint(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     pa, ha, aa, ia = a
     pb, hb, ab, ib = b
     return ha == hb and aa == ab and ia == ib and pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+#: Families whose model hands its language model a mask per layer type (Gemma 3: bidirectional images, sliding
+#: windows) instead of a [B, L] mask: a contrastive branch cannot be stacked with the caller's rows there.
+MASK_MAPPING_FAMILIES = ("gemma3",)

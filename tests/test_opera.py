@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from baselines_helpers import model_fingerprint, same_fingerprint
+from conftest import NEW_FAMILIES
 from helpers import batch_inputs, row_inputs
 from transformers.generation.utils import GenerationMixin
 
@@ -22,6 +23,7 @@ from steer.errors import (
     IncompatibleMethodsError,
     InvalidParameterError,
     MissingImageTokensError,
+    UnsupportedModelError,
 )
 from steer.methods.vlm.opera import (
     OperaPolicy,
@@ -33,6 +35,9 @@ from steer.methods.vlm.opera import (
     rollback_position,
     window_matrix,
 )
+
+#: the new families OPERA runs on (Gemma 3's sliding-window caches are refused: see below)
+OPERA_NEW_FAMILIES = tuple(f for f in NEW_FAMILIES if f != "gemma3")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -103,8 +108,10 @@ def test_worked_example_rollback_rule() -> None:
 # ---- identity with stock beam search ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("lookahead", ["tree", "sequential"])
+@pytest.mark.parametrize(
+    ("family", "lookahead"),
+    [(f, "tree") for f in ("llava", "qwen2_vl", *OPERA_NEW_FAMILIES)] + [(f, "sequential") for f in ("llava", "qwen2_vl")],
+)
 def test_penalty_off_rollback_off_equals_plain_beam_search(family: str, lookahead: str) -> None:
     model, processor = zoo.load_tiny(family)
     vocab = model.config.text_config.vocab_size
@@ -262,6 +269,14 @@ def test_refusals() -> None:
             steer.apply(model, "opera", **bad)
     with pytest.raises(IncompatibleMethodsError, match="auxiliary branch"):
         steer.apply(model, ["vcd", "opera"])
+
+
+def test_sliding_window_model_refused_at_apply() -> None:
+    """Gemma 3's sliding-window caches cannot be cut back: OPERA refuses at apply and says what would work."""
+    model, _ = zoo.load_tiny("gemma3")
+    with pytest.raises(UnsupportedModelError, match="sliding-window layers.*plain beam search"):
+        steer.apply(model, "opera")
+    assert "generate" not in model.__dict__
 
 
 def test_remove_restores_generate_bit_exactly() -> None:

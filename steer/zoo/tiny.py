@@ -416,6 +416,16 @@ def _set_generation_ids(model: PreTrainedModel, tokenizer: Any) -> None:
     gen.eos_token_id = tokenizer.eos_token_id
 
 
+def _fill_zero_weights(model: PreTrainedModel, std: float = 0.2) -> None:
+    """Draw the matrices a family's initialisation leaves at zero (Gemma 3's projector weight, InternViT's [CLS]
+    token and position embeddings): with random weights elsewhere, a zero projector makes every image the same
+    (no method could change anything through the image) and a zero [CLS] token gives every patch the same score."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and not bool(param.any()):
+                param.normal_(0.0, std)
+
+
 def build(family: str, seed: int = 0) -> tuple[PreTrainedModel, Any]:
     """Build the tiny model of `family` with random weights and its processor; no files are written.
 
@@ -435,6 +445,7 @@ def build(family: str, seed: int = 0) -> tuple[PreTrainedModel, Any]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model, processor = make(tok)
+            _fill_zero_weights(model)
         model = model.float().eval()
         _set_generation_ids(model, tok)
         return model, processor

@@ -92,6 +92,9 @@ def install_distortion(runtime: Runtime, edit: SourceRun) -> None:
                 noisy = original(**{**call, "pixel_values": adapter.with_image_pixels(call, distorted)})
             store = _store(runtime)
             store.backend[key] = list(noisy.pooler_output)
+            deep = getattr(noisy, "deepstack_features", None)  # Qwen3-VL: features added in early decoder layers
+            if deep is not None:
+                store.backend[_deep(key)] = [list(layer) for layer in deep]
             return original(*args, **kwargs)  # last: steer's image metadata notes the caller's features
 
         return get_image_features
@@ -117,13 +120,22 @@ def install_distortion(runtime: Runtime, edit: SourceRun) -> None:
                     return out
                 twin = copy.copy(real)
                 twin.pooler_output = list(features)
+                deep = store.backend.get(_deep(key))
+                if deep is not None:
+                    twin.deepstack_features = [list(layer) for layer in deep]
                 original(**{**bound, "mm_encoder_output": {"image": twin}})
                 store.backend[key] = list(twin.pooler_output)
+                if deep is not None:
+                    store.backend[_deep(key)] = [list(layer) for layer in twin.deepstack_features]
                 return out
 
             return expand
 
         runtime.wrap(model, "_expand_multimodal_outputs", make_expand)
+
+
+def _deep(key: str) -> str:
+    return f"{key}:deepstack"
 
 
 def _store(runtime: Runtime) -> CallStore:
@@ -157,6 +169,41 @@ def distorted_embeddings(runtime: Runtime, edit: SourceRun, embeds: torch.Tensor
             f"(image placeholders and images do not match)"
         )
     return embeds.masked_scatter(mask[..., None].expand_as(embeds), flat)
+
+
+def distorted_visual_inputs(runtime: Runtime, edit: SourceRun, ctx: ForwardFacts, lm_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The language-model image inputs besides the embeddings (the adapter's ``lm_visual_inputs``) for the
+    distorted images: each per-layer feature input recomputed from the distorted pixels (Qwen3-VL's DeepStack
+    features, concatenated over images as the model does); row masks are the prefill's own (``lm_kwargs``: the
+    language model's inputs). Empty for models without such inputs."""
+    kinds: dict[str, str] = runtime.adapter.lm_visual_inputs
+    out = {k: lm_kwargs[k] for k, kind in kinds.items() if kind == "row_mask" and lm_kwargs.get(k) is not None}
+    deep = ctx.call.backend.get(_deep(distorted_key(edit)))
+    for k, kind in kinds.items():
+        if kind == "features" and deep is not None:
+            out[k] = [torch.cat(layer, dim=0) for layer in deep]
+    return out
+
+
+Inputs = dict[str, Any]
+
+
+def stacked_visual_inputs(kinds: dict[str, str], rows: list[Inputs]) -> Inputs:
+    """The image-feature inputs of stacked rows (``kinds``: the adapter's ``lm_visual_inputs``): a row mask
+    gets False rows for the parts without images; features (in row order) are the parts' features in order."""
+    out: Inputs = {}
+    for key, kind in kinds.items():
+        if not any(key in r for r in rows):
+            continue
+        if kind == "row_mask":
+            out[key] = torch.cat(
+                [r[key].to(r["image"].device).bool() if key in r else torch.zeros_like(r["image"]) for r in rows], dim=0
+            )
+        else:  # features: one entry per layer, each [visual tokens, D] in row order
+            present = [r[key] for r in rows if key in r]
+            out[key] = present[0] if len(present) == 1 else [torch.cat(list(f), dim=0) for f in zip(*present)]
+    return out
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +355,8 @@ class BranchRunner:
 
     # ---- prefill ---------------------------------------------------------------------------------------
     def _branch_inputs(self, kwargs: dict[str, Any], ctx: ForwardFacts, embeds: torch.Tensor, width: int | None) -> dict[str, Any]:
-        """The branch's prompt: embeddings [B, T'], 2-D mask, explicit positions (``None``: the caller's)."""
+        """The branch's prompt: embeddings [B, T'], 2-D mask, explicit positions (``None``: the caller's) and
+        ``visual``: its image inputs besides the embeddings (the adapter's ``lm_visual_inputs``)."""
         batch, length = embeds.shape[:2]
         mask = kwargs.get("attention_mask")
         main_mask = mask.long() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -328,11 +376,20 @@ class BranchRunner:
                 "inputs_embeds": built["inputs_embeds"].to(embeds.dtype),
                 "attention_mask": built["attention_mask"].long(),
                 "position_ids": built["position_ids"],
+                "visual": {},  # no image: no image inputs besides the embeddings
             }
-        branch_embeds = embeds if self.part == "same" else distorted_embeddings(self.runtime, self.edit, embeds, ctx)
+        if self.part == "same":
+            branch_embeds = embeds
+            visual = {k: kwargs[k] for k in self.adapter.lm_visual_inputs if kwargs.get(k) is not None}
+        else:
+            branch_embeds = distorted_embeddings(self.runtime, self.edit, embeds, ctx)
+            visual = distorted_visual_inputs(self.runtime, self.edit, ctx, kwargs)
         if main_mask is None:
             main_mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        return {"inputs_embeds": branch_embeds, "attention_mask": main_mask, "position_ids": kwargs.get("position_ids")}
+        return {
+            "inputs_embeds": branch_embeds, "attention_mask": main_mask, "position_ids": kwargs.get("position_ids"),
+            "visual": visual,
+        }  # fmt: skip
 
     def prefill(self, original: Any, kwargs: dict[str, Any], ctx: ForwardFacts) -> Any:
         runtime = self.runtime
@@ -375,6 +432,14 @@ class BranchRunner:
                 attention_mask=torch.cat([two_mask.to(b_mask.device).long(), b_mask], dim=0),
                 position_ids=torch.cat([main_pos, pos], dim=-2),
             )
+            kinds = self.adapter.lm_visual_inputs
+            main_visual = {k: kwargs[k] for k in kinds if kwargs.get(k) is not None}
+            if main_visual or branch["visual"]:  # DeepStack: the rows' features and row masks, stacked
+                rows = [
+                    {**main_visual, "image": torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)},
+                    {**branch["visual"], "image": torch.zeros_like(b_mask, dtype=torch.bool)},
+                ]
+                new.update(stacked_visual_inputs(kinds, rows))
             if cache is not None:
                 new[ck] = cache
             with runtime.stacked(batch):
@@ -387,6 +452,11 @@ class BranchRunner:
                 cache = getattr(out, "past_key_values", None)
         else:
             b_kwargs = {"inputs_embeds": branch["inputs_embeds"], "attention_mask": b_mask, "position_ids": b_pos}
+            b_kwargs.update(branch["visual"])
+            if self.part != "text_only" and kwargs.get("attention_mask") is not None:
+                # the caller's rows and the branch's have one layout: the mask the model built for the caller
+                # (Gemma 3: a mapping with bidirectional image blocks and sliding windows) is the branch's too
+                b_kwargs["attention_mask"] = kwargs["attention_mask"]
             if follows:
                 state.cache = DynamicCache(config=self.adapter.model.config)
                 b_kwargs.update(cache=state.cache, use_cache=True)
@@ -464,6 +534,8 @@ class BranchRunner:
                 "inputs_embeds": embeds, "attention_mask": b_mask, "position_ids": b_pos, "cache": state.cache,
                 "use_cache": True,
             }  # fmt: skip
+            if self.part != "text_only" and kwargs.get("attention_mask") is not None:
+                b_kwargs["attention_mask"] = kwargs["attention_mask"]  # one layout: the caller's mask (above)
             with runtime.running(self.key, facts), torch.no_grad():
                 b_out = original(**b_kwargs)
             self._logits(b_out.last_hidden_state, ctx, facts)

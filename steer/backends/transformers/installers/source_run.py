@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from steer.backends.transformers.branches import distorted_embeddings, install_branch, install_distortion
+from steer.backends.transformers.branches import (
+    distorted_embeddings,
+    distorted_visual_inputs,
+    install_branch,
+    install_distortion,
+    stacked_visual_inputs,
+)
 from steer.backends.transformers.installers.registry import installer
 from steer.backends.transformers.masks import padding_of, prompt_mask
 from steer.backends.transformers.runs import run_key
@@ -90,6 +96,7 @@ def distorted_inputs(
         embeds = runtime.adapter.embed_tokens(inputs.pop("input_ids"))
     inputs.pop("input_ids", None)
     inputs["inputs_embeds"] = distorted_embeddings(runtime, edit, embeds, ctx)
+    inputs.update(distorted_visual_inputs(runtime, edit, ctx, kwargs))  # DeepStack features of the distorted images
     return inputs, padding
 
 
@@ -164,23 +171,6 @@ def stacked_inputs(
     image = torch.cat([r["image"] for r in rows], dim=0)
     stacked["attention_mask"] = adapter.lm_attention_mask(stacked["attention_mask"], image, stacked["inputs_embeds"])
     return stacked, padding
-
-
-def stacked_visual_inputs(kinds: dict[str, str], rows: list[Inputs]) -> Inputs:
-    """The image-feature inputs of stacked rows (``kinds``: the adapter's ``lm_visual_inputs``): a row mask
-    gets False rows for the parts without images; features (in row order) are the parts' features in order."""
-    out: Inputs = {}
-    for key, kind in kinds.items():
-        if not any(key in r for r in rows):
-            continue
-        if kind == "row_mask":
-            out[key] = torch.cat(
-                [r[key].to(r["image"].device).bool() if key in r else torch.zeros_like(r["image"]) for r in rows], dim=0
-            )
-        else:  # features: one entry per layer, each [visual tokens, D] in row order
-            present = [r[key] for r in rows if key in r]
-            out[key] = present[0] if len(present) == 1 else [torch.cat(list(f), dim=0) for f in zip(*present)]
-    return out
 
 
 @installer(SourceRun, rank=30)
