@@ -14,11 +14,14 @@ from steer.backends.transformers.runtime import Runtime
 
 
 def _every_other_image_key(e: edits.EditContext) -> torch.Tensor | None:
-    """AND-mask for prefill: hide the image keys at even sequence positions (None at decode: no change)."""
+    """AND-mask for prefill: hide the image keys at even positions counted from each row's first real token (so
+    left padding does not change which keys are hidden; None at decode: no change)."""
     if e.phase == "decode":
         return None
     image = e.forward.key_image_mask(e.key_len)
-    even = torch.arange(image.shape[1]) % 2 == 0
+    padding = e.forward.padding_mask
+    offset = (~padding.bool()).sum(1, keepdim=True) if padding is not None else 0  # left padding per row
+    even = (torch.arange(image.shape[1])[None, :] - offset) % 2 == 0
     return ~(image & even)[:, None, None, :]
 
 
