@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import steer.methods  # noqa: F401  (registers the built-in methods)
@@ -23,11 +23,20 @@ from steer.errors import (
 from steer.recipe_files import Recipe, recipe
 from steer.registry import STAGES, Method, describe_params, get_method, registered, resolve_params
 
-MethodSpec = Union[str, Recipe, Edit, Sequence[Union[str, Recipe, Edit]]]
+MethodSpec = Union[str, Recipe, Edit, Mapping[str, Mapping[str, Any]], Sequence[Union[str, Recipe, Edit]]]
 
 
 def _split_spec(spec: MethodSpec) -> tuple[list[tuple[str, dict[str, Any]]], list[Edit]]:
-    """Method names with recipe parameters, and raw edits, in the order given."""
+    """Method names with recipe parameters, and raw edits, in the order given. A mapping is
+    ``{name: params}`` (as a recipe's ``methods``: a configuration that serialises)."""
+    if isinstance(spec, Mapping):
+        bad = [k for k, v in spec.items() if not isinstance(k, str) or not isinstance(v, Mapping)]
+        if bad:
+            raise InvalidParameterError(
+                f"cannot apply {spec!r}: a mapping must be {{method name: {{parameter: value}}}}, e.g. "
+                "{'vhr': {'alpha': 0.5}}"
+            )
+        return [(name, dict(p)) for name, p in spec.items()], []
     items = [spec] if isinstance(spec, (str, Recipe, Edit)) else list(spec)
     named: list[tuple[str, dict[str, Any]]] = []
     edits: list[Edit] = []
@@ -116,7 +125,7 @@ def apply(target: Any, method: MethodSpec, **params: Any) -> Any:
     """Steer ``target`` in place and return the :class:`Steering` handle (also a context manager).
 
     ``method``: a registered method name, a recipe (`steer.recipe`), a low-level edit (`steer.edits`),
-    or a list of those (composed; methods are ordered by stage: input, vision, attention, residual,
+    a mapping ``{name: {parameter: value}}``, or a list of names, recipes and edits (composed; methods are ordered by stage: input, vision, attention, residual,
     logits). ``params`` override the method's defaults; with several methods pass ``name={...}`` per
     method or parameter names that only one of them has. Applying a method that is already active on
     the target raises :class:`AlreadySteeredError`; different methods and further handles compose.

@@ -232,6 +232,23 @@ def test_handle_params_state_and_disabled_guard() -> None:
         handle.disabled()
 
 
+def test_a_mapping_of_methods_to_parameters_applies_them() -> None:
+    """``apply(model, {name: params})`` is the same as ``apply(model, name, **params)`` (it once applied the
+    names with their defaults, silently dropping the parameters); a malformed mapping is a typed error."""
+    model, processor = zoo.load_tiny("llava")
+    inputs = batch_inputs(processor, "llava")
+    with steer.apply(model, "image_attention", scale=3.0):
+        direct = logits(model, inputs)
+    with steer.apply(model, {"image_attention": {"scale": 3.0}}) as handle:
+        assert handle.params["image_attention"]["scale"] == 3.0
+        assert torch.equal(logits(model, inputs), direct)
+    with steer.apply(model, {"image_attention": {"scale": 3.0}}, image_attention={"scale": 1.5}) as handle:
+        assert handle.params["image_attention"]["scale"] == 1.5  # keyword parameters override the mapping's
+    with pytest.raises(steer.InvalidParameterError, match="method name: "):
+        steer.apply(model, {"image_attention": 3.0})
+    assert Runtime.of(model) is None
+
+
 def test_recipe_applies_its_settings() -> None:
     model, processor = zoo.load_tiny("llava")
     inputs = batch_inputs(processor, "llava")

@@ -391,6 +391,7 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("cca", ["-p", "trained_checkpoint=true"]),
         ("vista", []),
         ("var", ["-p", "sink_dims=[0, 1, 2]", "-p", "tau=0.5"]),
+        ("image_attention", ["-p", "scale=3.0"]),
     ],
 )
 def test_show_draws_each_methods_state(
@@ -426,8 +427,10 @@ def test_show_as_a_python_call_and_its_errors(tiny_llava: Path, tmp_path: Path) 
     # the same picture from a state the caller already has, without running anything
     again = draw("fastervlm", shown.state, zoo.sample_image(1, (64, 64)))
     assert again.height >= 300
-    with pytest.raises(errors.EvalInputError, match="image_attention keeps no state to draw"):
+    with pytest.raises(errors.EvalInputError, match="needs the attention rows"):
         draw("image_attention", {}, zoo.sample_image(1))
+    with pytest.raises(errors.EvalInputError, match="no picture for this method"):
+        draw("pai", {}, zoo.sample_image(1))
     runner = CliRunner()
     missing = runner.invoke(
         app, ["show", "--model", str(tiny_llava), "--image", str(tmp_path / "x.png"), "--method", "vhr"]
@@ -450,3 +453,53 @@ def test_show_as_a_python_call_and_its_errors(tiny_llava: Path, tmp_path: Path) 
         ],
     )
     assert bad.exit_code == 2 and "alpha" in bad.output and "Traceback" not in bad.output
+
+
+def test_show_attention_rows_before_and_after(tiny_llava: Path) -> None:
+    """The edited-probabilities site by hand: image_attention at scale s turns each edited row's image
+    probabilities p_j into s p_j / (s m + 1 - m) (m: the row's image mass), layer by layer and head by head;
+    show's rows are their mean over layers and heads, before (plain model) and after."""
+    import torch
+
+    import steer
+    from steer import edits, zoo
+    from steer.evals.loading import load_model
+    from steer.evals.show import image_attention_row
+
+    loaded = load_model(str(tiny_llava))
+    processor, model = loaded.processor, loaded.model
+    inputs = processor(
+        text=["USER: <image>\nDescribe. ASSISTANT:"], images=[zoo.sample_image(2, (64, 64))], return_tensors="pt"
+    )
+    image = inputs["input_ids"][0] == model.config.image_token_id
+    positions = image.nonzero().flatten().tolist()
+    seen: dict[str, dict[int, torch.Tensor]] = {"plain": {}, "edited": {}}
+
+    def keep(kind: str) -> Any:
+        def fn(probs: torch.Tensor, ectx: Any) -> None:
+            seen[kind][ectx.layer] = probs[0, :, -1].clone()  # [H, Lk]: the last prompt row
+            return None
+
+        return fn
+
+    collects = [
+        edits.Collect(name="plain", site="layer.attn.probs", phase="prefill", fn=keep("plain")),
+        edits.Collect(name="edited", site="layer.attn.probs.edited", phase="prefill", fn=keep("edited")),
+    ]
+    s = 3.0
+    with steer.apply(model, "image_attention", scale=s), steer.apply(model, collects), torch.no_grad():
+        model(**inputs)
+    assert set(seen["plain"]) == set(seen["edited"]) == set(range(model.config.text_config.num_hidden_layers))
+    for layer, p in seen["plain"].items():
+        m = p[:, image].sum(-1, keepdim=True)
+        expected = torch.where(image, s * p, p) / (s * m + 1 - m)
+        assert torch.allclose(seen["edited"][layer], expected, atol=1e-6)
+    mean_after = torch.stack([seen["edited"][k] for k in sorted(seen["edited"])]).mean((0, 1))
+    with steer.apply(model, collects[:1]), torch.no_grad():  # the plain model's rows (earlier layers unedited)
+        model(**inputs)
+    mean_before = torch.stack([seen["plain"][k] for k in sorted(seen["plain"])]).mean((0, 1))
+    before = image_attention_row(model, inputs, positions)
+    after = image_attention_row(model, inputs, positions, {"image_attention": {"scale": s}})
+    assert torch.allclose(torch.tensor(before), mean_before[image], atol=1e-6)
+    assert torch.allclose(torch.tensor(after), mean_after[image], atol=1e-6)
+    assert sum(after) > sum(before)

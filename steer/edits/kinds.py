@@ -344,7 +344,8 @@ class Collect(LayerEdit):
     Two sites are read-only views the other kinds do not have: ``"logits"`` (the final logits of the run, e.g.
     of an auxiliary :class:`SourceRun` branch, [B, T', V]) and ``"layer.attn.probs"`` (the post-softmax
     attention probabilities of the call's query rows, [B, H, Lq, Lk] fp32, computed explicitly for those rows
-    only; the layer's output is untouched).
+    only; the layer's output is untouched); ``"layer.attn.probs.edited"`` is the same after the layer's mask edits
+    and :class:`GroupReweight` (the probabilities the layer's output is made of: a picture of what a method did).
     """
 
     stage: ClassVar[str] = "residual"
@@ -359,7 +360,8 @@ class Collect(LayerEdit):
 
     def __post_init__(self) -> None:
         allowed = (
-            "layer.in", "layer.out", "layer.mlp.out", "layer.attn.head_out", "layer.attn.probs", "layer.logits",
+            "layer.in", "layer.out", "layer.mlp.out", "layer.attn.head_out", "layer.attn.probs",
+            "layer.attn.probs.edited", "layer.logits",
             "layer.logits.normed", "logits",
         )  # fmt: skip
         if self.site not in allowed:

@@ -18,6 +18,7 @@ SITES: dict[str, str] = {
     "layer.mlp.out": "decoder layer l's MLP output, before it is added to the residual stream, [B, T, D]",
     "layer.attn.scores": "decoder layer l's attention scores and probabilities (inside steer's attention function)",
     "layer.attn.probs": "decoder layer l's post-softmax attention probabilities of the call's query rows, [B, H, Lq, Lk] (read only)",
+    "layer.attn.probs.edited": "the same after the layer's mask edits and key-group reweighting: the probabilities its output is made of (read only)",
     "layer.attn.head_out": "decoder layer l's attention output per head, the input of its output projection, [B, T, H, d]",
     "layer.logits": "lm_head applied to layer l's output (logit lens), [B, T', V]",
     "layer.logits.normed": "lm_head applied to the final norm of layer l's output, [B, T', V]",

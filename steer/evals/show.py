@@ -13,8 +13,10 @@ that a caller already has (``handle.state[name]``) into the picture. What each m
 * ``cca``: the concentric position ids over the image grid (each cell: its id relative to the block's first);
 * ``vista``: the steering vector's norm per layer;
 * ``var``: the visual sink tokens over the image grid (in how many layers each token is a sink) and the rows
-  whose attention was redistributed per layer. VAR's state holds no attention probabilities, so attention over
-  the image before/after is not drawn (nor for ``image_attention``, which keeps no state at all).
+  whose attention was redistributed per layer;
+* ``var`` and ``image_attention``: the attention of the prompt's last row over the image grid, before and after
+  (mean over layers and heads; collected by :func:`show` with a ``Collect`` of ``layer.attn.probs.edited``, the
+  probabilities each layer's output is made of: steer's own edit, no extra model code).
 
 Only what the state holds is drawn; the image grid is found from the prompt's image tokens (the first
 ``(image_size / patch_size)^2`` of them for CLIP towers: LLaVA's grid, LLaVA-NeXT's base image) or from the
@@ -34,10 +36,43 @@ from PIL import Image, ImageDraw
 from steer.errors import EvalInputError
 from steer.evals import plots
 
-__all__ = ["DRAWN", "Shown", "draw", "show"]
+__all__ = ["ATTENTION_DRAWN", "DRAWN", "Shown", "draw", "image_attention_row", "show"]
 
-DRAWN = ("fastervlm", "vhr", "cca", "vista", "var")
+DRAWN = ("fastervlm", "vhr", "cca", "vista", "var", "image_attention")
 """The methods whose state :func:`draw` can picture."""
+
+ATTENTION_DRAWN = ("var", "image_attention")
+"""The methods pictured by the last row's attention over the image, before and after."""
+
+
+def image_attention_row(model: Any, inputs: Mapping[str, Any], positions: Sequence[int], method: Any = None) -> list[float]:
+    """The prompt's last row's attention to each of ``positions`` (prefill, mean over layers and heads), with
+    ``method`` (``{name: params}``, as `steer.apply` takes it) applied, or on the plain model. Read with a ``Collect`` of
+    ``layer.attn.probs.edited`` (the probabilities each layer's output is made of)."""
+    import torch
+
+    import steer
+    from steer import edits
+
+    rows: list[Any] = []
+
+    def keep(probs: Any, ectx: Any) -> None:
+        rows.append(probs[0, :, -1].float().mean(0))  # one prompt, left-padded: its last column
+        return None
+
+    collect = edits.Collect(name="show", site="layer.attn.probs.edited", phase="prefill", fn=keep)
+    handles = [steer.apply(model, method)] if method else []
+    try:
+        handles.append(steer.apply(model, [collect]))
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+    if not rows:
+        raise EvalInputError("no attention rows were collected (does the model run steer's attention function?)")
+    mean = torch.stack(rows).mean(0)
+    return [float(mean[p]) for p in positions]
 
 
 @dataclass
@@ -203,6 +238,23 @@ def _var(
     return [over, chart]
 
 
+def _attention(
+    attention: tuple[Sequence[float], Sequence[float]], image: Image.Image, grid: tuple[int, int]
+) -> list[Image.Image]:
+    """The last row's attention over the image grid, before and after, on one colour scale."""
+    cells = grid[0] * grid[1]
+    before, after = (list(a)[:cells] for a in attention)
+    if len(before) < cells or len(after) < cells:
+        raise EvalInputError("the attention rows do not cover the image grid")
+    top = max(max(before), max(after)) or 1.0
+    parts = []
+    for name, row in (("before", before), ("after", after)):
+        values = [[row[r * grid[1] + c] / top for c in range(grid[1])] for r in range(grid[0])]
+        title = f"last row -> image, {name}: mass {sum(row):.3f}"
+        parts.append(plots.overlay_grid(image, values, title=title))
+    return parts
+
+
 def draw(
     method: str,
     state: Mapping[str, Any],
@@ -211,9 +263,12 @@ def draw(
     image_positions: Sequence[int] = (),
     grid: tuple[int, int] | None = None,
     notes: Sequence[str] = (),
+    attention: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> Image.Image:
     """The picture of ``state`` (``Steering.state[method]``) over ``image``. VAR also needs the sequence
-    positions of the image tokens (``image_positions``) and their ``grid`` (rows, columns).
+    positions of the image tokens (``image_positions``) and their ``grid`` (rows, columns). ``attention``:
+    the last prompt row's attention to each image token without and with the method (``var``,
+    ``image_attention``; :func:`show` collects it).
 
     Raises:
         EvalInputError: a method whose state has nothing to draw, or a state without the call's data.
@@ -228,11 +283,14 @@ def draw(
         parts = _vista(state, image)
     elif method == "var":
         parts = _var(state, image, image_positions, grid or _square(len(image_positions) or 1))
+    elif method == "image_attention":
+        parts = []
     else:
-        raise EvalInputError(
-            f"{method}: no picture for this method's Steering.state (steer show draws {', '.join(DRAWN)}); "
-            + ("image_attention keeps no state to draw" if method == "image_attention" else "")
-        )
+        raise EvalInputError(f"{method}: no picture for this method (steer show draws {', '.join(DRAWN)})")
+    if method in ATTENTION_DRAWN:
+        if attention is None:
+            raise EvalInputError(f"{method}: draw needs the attention rows without and with the method (show collects them)")
+        parts += _attention(attention, image, grid or _square(len(attention[0]) or 1))
     picture = plots.panels(parts, f"steer show: {method}")
     if notes:
         picture = plots.stack([picture, _text_panel(notes, max(picture.width, 640))])
@@ -306,6 +364,12 @@ def show(
         f"without: {before!r}",
         f"with:    {after!r}",
     ]
+    attention = None
+    if method in ATTENTION_DRAWN and positions:
+        attention = (
+            image_attention_row(loaded.model, inputs, positions),
+            image_attention_row(loaded.model, inputs, positions, {method: dict(params or {})}),
+        )
     picture = draw(
         method,
         state,
@@ -313,6 +377,7 @@ def show(
         image_positions=positions,
         grid=_grid(loaded.model, len(positions)) if positions else None,
         notes=notes,
+        attention=attention,
     )
     shown = Shown(method, picture, state, {"without": before, "with": after})
     if out is not None:

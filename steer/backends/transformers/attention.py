@@ -247,6 +247,9 @@ def _steered_attention(
     reweights = [e for e in edits if isinstance(e, GroupReweight)]
     score_edits: list[ScoreEdit] = [e for e in edits if isinstance(e, ScoreEdit)]
     prob_collects: list[Collect] = [e for e in edits if isinstance(e, Collect) and e.site == "layer.attn.probs"]
+    edited_collects: list[Collect] = [
+        e for e in edits if isinstance(e, Collect) and e.site == "layer.attn.probs.edited"
+    ]
     output_edits = [
         e for e in edits if isinstance(e, (HeadScale, HeadOutputEdit)) or (isinstance(e, Collect) and e.site == "layer.attn.head_out")
     ]
@@ -254,7 +257,7 @@ def _steered_attention(
     def context_for(edit: Any) -> EditContext:
         return runtime.edit_context(edit, layer, q_len, k_len)
 
-    if mask_edits or reweights or score_edits or prob_collects:
+    if mask_edits or reweights or score_edits or prob_collects or edited_collects:
         # SDPA's is_causal prefill: the triangle stays implicit (an [Lq, Lk] tensor is O(L²)) until a mask
         # edit needs it; the reweight then builds only its edited rows' part, or none (Triton)
         causal = attention_mask is None and q_len == k_len and q_len > 1
@@ -300,6 +303,11 @@ def _steered_attention(
             # a reweight may not need it (the Triton path computes decode rows and their base in one pass), nor
             # explicit scores that edit every row (a decode step)
             base = backend_output if (reweights or score_edits) else backend_output()
+        if edited_collects:
+            allowed = mask if mask is not None else lse.causal_mask(q_len, k_len, query.device)
+            edited = edited_probs(runtime, reweights, score_edits, context_for, query, key, value, allowed, bias, scale)
+            for collect in edited_collects:
+                store(collect, context_for(collect), edited)
         if reweights:
             if len(reweights) > 1:
                 raise RuntimeError(
@@ -329,6 +337,40 @@ def _steered_attention(
         else:
             out = out_edit.apply(out, context_for(out_edit))
     return out.to(query.dtype).contiguous()
+
+
+def edited_probs(
+    runtime: Runtime,
+    reweights: list[GroupReweight],
+    score_edits: list[ScoreEdit],
+    context_for: Callable[[Any], EditContext],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The probabilities a layer's output is made of, [B, H, Lq, Lk] fp32: after its mask edits (``mask``,
+    ``bias``) and its :class:`GroupReweight` (``p'_qj = c_g(j) p_qj``, on the materialised rows; see
+    `steer.kernels.reference.group_reweight_reference`)."""
+    if score_edits:
+        raise NotImplementedError("Collect(site='layer.attn.probs.edited') on a layer with a ScoreEdit")
+    if not reweights:
+        return attention_probs(query, key, mask, bias, scale)
+    if bias is not None:
+        raise NotImplementedError("GroupReweight together with an additive mask on one layer")
+    from steer.kernels.reference import group_reweight_reference
+
+    edit = reweights[0]
+    ectx = context_for(edit)
+    labels = group_labels(edit, ectx, key.shape[2], key.device)
+    rows = edited_rows(edit, ectx, query.shape[2], query.shape[0], query.device)
+    _, probs = group_reweight_reference(
+        query, key, value, mask, scale, labels, coefficient_fn(edit, ectx), rows=rows,
+        renormalize=edit.renormalize, return_probs=True,
+    )  # fmt: skip
+    return probs
 
 
 def attention_probs(

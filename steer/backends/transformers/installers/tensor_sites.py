@@ -1,6 +1,6 @@
 """Tensor edits and collects at per-layer sites: ``layer.in``, ``layer.out``, ``layer.mlp.out``, the logit
 lens (``layer.logits``, ``layer.logits.normed``), the final ``logits`` and, through the attention function,
-``layer.attn.head_out`` and ``layer.attn.probs``.
+``layer.attn.head_out``, ``layer.attn.probs`` and ``layer.attn.probs.edited``.
 
 Every edit on one module point runs from one hook, in apply order (`steer.backends.transformers.runtime`).
 """
@@ -38,7 +38,7 @@ def install_collect(runtime: Runtime, edit: Collect) -> None:
         _install_logits_collect(runtime, edit)
         return
     layers = edit.resolve_layers(runtime.adapter.num_layers)
-    if edit.site in ("layer.attn.head_out", "layer.attn.probs"):
+    if edit.site in ("layer.attn.head_out", "layer.attn.probs", "layer.attn.probs.edited"):
         for layer in layers:
             runtime.add_attention_edit(layer, edit)
         return
