@@ -51,8 +51,7 @@ def image_attention_row(model: Any, inputs: Mapping[str, Any], positions: Sequen
     ``layer.attn.probs.edited`` (the probabilities each layer's output is made of)."""
     import torch
 
-    import steer
-    from steer import edits
+    import steer  # the public API only (steer.edits through it: the evals import downwards)
 
     rows: list[Any] = []
 
@@ -60,7 +59,7 @@ def image_attention_row(model: Any, inputs: Mapping[str, Any], positions: Sequen
         rows.append(probs[0, :, -1].float().mean(0))  # one prompt, left-padded: its last column
         return None
 
-    collect = edits.Collect(name="show", site="layer.attn.probs.edited", phase="prefill", fn=keep)
+    collect = steer.edits.Collect(name="show", site="layer.attn.probs.edited", phase="prefill", fn=keep)
     handles = [steer.apply(model, method)] if method else []
     try:
         handles.append(steer.apply(model, [collect]))
