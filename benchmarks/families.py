@@ -17,7 +17,8 @@ edits layers 2..L-1):
   CUDA's allocator on a GPU); each as a ratio (×) to the unsteered model of the same build.
 
 The unsteered model and the methods are interleaved in each of ``--repeats`` rounds and the best time is
-kept, so a shared, noisy CPU affects them alike. A typed refusal (``steer.SteerError``) is reported as the
+kept, so a shared, noisy CPU affects them alike; ``--threads 1`` times on the thread's CPU clock (``--clock``),
+which the other jobs of a shared CPU do not move. A typed refusal (``steer.SteerError``) is reported as the
 method's row; any other exception is a crash and stops the run. Exits non-zero when a ``remove()`` is not
 exact.
 
@@ -36,7 +37,8 @@ Checkpoints whose widths are used (config values as published on the hub; cut la
   tokens per sub-image, longest edge 2048); SmolLM2-135M 576 / 9 heads / 3 KV / vocab 49280.
 
     python benchmarks/families.py                        # every family, markdown table on stdout
-    python benchmarks/families.py --families gemma3 --new-tokens 8 --repeats 3 --json out.json
+    python benchmarks/families.py --families gemma3 --new-tokens 8 --repeats 3 --json out.jsonl
+    python benchmarks/families.py --threads 1                # CPU clock: stable ratios on a loaded CPU
 """
 
 from __future__ import annotations
@@ -228,6 +230,11 @@ def real_inputs(processor: Any, family: str, size: tuple[int, int] = IMAGE_SIZE)
     return zoo.make_inputs(processor, family, [prompt], [[zoo.sample_image(0, size)]])
 
 
+#: the clock: "wall" (time.perf_counter) or "cpu" (this thread's CPU time: with one torch thread on a shared CPU,
+#: time the process spent descheduled does not count; the work done does). Set by --clock.
+CLOCK = {"fn": time.perf_counter}
+
+
 class _Stamps(StoppingCriteria):
     """Never stops; records the time of every generated token (called once per step, after its forward)."""
 
@@ -238,7 +245,7 @@ class _Stamps(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
+        self.times.append(CLOCK["fn"]())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -249,7 +256,7 @@ def generate(model: Any, inputs: Any, new_tokens: int) -> dict[str, Any]:
     stamps = _Stamps(device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = CLOCK["fn"]()
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -375,6 +382,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--new-tokens", type=int, default=8, help="generated tokens (at least 2)")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (the best is kept; round 0 included)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--clock", choices=("auto", "wall", "cpu"), default="auto",
+        help="wall time, or the thread's CPU time (auto: cpu on a CPU with one thread, else wall)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here, one JSON line each")
     args = parser.parse_args(argv)
@@ -382,6 +393,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--new-tokens must be at least 2 (decode time is measured between tokens)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = args.clock
+    if clock == "auto":
+        clock = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    CLOCK["fn"] = time.thread_time if clock == "cpu" else time.perf_counter
     where = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
@@ -390,7 +405,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(
         f"real widths, {args.layers} decoder + {args.vision_layers} vision layers (VAR: {max(args.layers, 3)}), bf16, "
         f"sdpa, {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} image, batch 1, {args.new_tokens} new tokens, best of "
-        f"{args.repeats} (interleaved); device {args.device} ({where}); torch {torch.__version__}",
+        f"{args.repeats} (interleaved), {clock} clock; device {args.device} ({where}); torch {torch.__version__}",
         flush=True,
     )
     if args.json:
