@@ -115,27 +115,9 @@ def test_method_acts_and_remove_is_exact(family: str, method: str) -> None:
     assert Runtime.of(model) is None
 
 
-def rotated(offsets: tuple[int, ...]) -> list[tuple[str, str]]:
-    """Per offset, one (family, method) pair per family, each family another method: the part of a full family x
-    method matrix that runs by default; the rest is marked slow (``pytest -m slow``). The core matrix
-    (tests/test_core.py) checks every edit kind on every family in the default run."""
-    return [(f, METHODS[(i + o) % len(METHODS)]) for o in offsets for i, f in enumerate(NEW_FAMILIES)]
-
-
-def matrix(offsets: tuple[int, ...], *extra: Any) -> list[Any]:
-    """The family x method matrix (x ``extra``), every cell but the rotated ones marked slow."""
-    fast = set(rotated(offsets))
-    return [
-        pytest.param(f, m, *extra, marks=() if (f, m) in fast else pytest.mark.slow)
-        for f in NEW_FAMILIES
-        for m in METHODS
-    ]
-
-
-@pytest.mark.parametrize(
-    ("family", "method", "num_beams"),
-    matrix((0, 4), 1) + matrix((1,), 3),
-)
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_method_batch_equals_each_sample(family: str, method: str, num_beams: int) -> None:
     model, processor = zoo.load_tiny(family)
     if family == "gemma3" and method in ("vhr", "vista"):
@@ -154,7 +136,8 @@ def test_method_batch_equals_each_sample(family: str, method: str, num_beams: in
             assert torch.equal(batch[i], alone[0]), f"row {i}"
 
 
-@pytest.mark.parametrize(("family", "method"), matrix((3,)))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_method_on_two_images_of_different_sizes(family: str, method: str) -> None:
     model, processor = zoo.load_tiny(family)
     inputs = two_images(processor, family)
