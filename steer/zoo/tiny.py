@@ -416,7 +416,7 @@ def _set_generation_ids(model: PreTrainedModel, tokenizer: Any) -> None:
     gen.eos_token_id = tokenizer.eos_token_id
 
 
-def _fill_zero_weights(model: PreTrainedModel, std: float = 0.2) -> None:
+def fill_zero_weights(model: PreTrainedModel, std: float = 0.2) -> None:
     """Draw the matrices a family's initialisation leaves at zero (Gemma 3's projector weight, InternViT's [CLS]
     token and position embeddings): with random weights elsewhere, a zero projector makes every image the same
     (no method could change anything through the image) and a zero [CLS] token gives every patch the same score."""
@@ -445,7 +445,7 @@ def build(family: str, seed: int = 0) -> tuple[PreTrainedModel, Any]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model, processor = make(tok)
-            _fill_zero_weights(model)
+            fill_zero_weights(model)
         model = model.float().eval()
         _set_generation_ids(model, tok)
         return model, processor
