@@ -188,6 +188,21 @@ def distorted_visual_inputs(runtime: Runtime, edit: SourceRun, ctx: ForwardFacts
 Inputs = dict[str, Any]
 
 
+def explicit_positions(
+    runtime: Runtime, positions: torch.Tensor | None, batch: int, width: int, device: Any, past: int = 0
+) -> torch.Tensor:
+    """Position ids as the language model would use them, with the batch dimension spelled out: [B, T]
+    (1-D RoPE) or [R, B, T] (M-RoPE, R = 3 or 4). ``None`` means the model's default ``past .. past + T - 1``."""
+    if positions is None:
+        positions = torch.arange(past, past + width, device=device)
+    positions = positions.to(device)
+    if runtime.adapter.position_scheme == "mrope":
+        if positions.dim() < 3:
+            positions = positions.reshape(-1, width)[None].expand(3, -1, width)
+        return positions.expand(positions.shape[0], batch, width)
+    return positions.reshape(-1, width).expand(batch, width)
+
+
 def stacked_visual_inputs(kinds: dict[str, str], rows: list[Inputs]) -> Inputs:
     """The image-feature inputs of stacked rows (``kinds``: the adapter's ``lm_visual_inputs``): a row mask
     gets False rows for the parts without images; features (in row order) are the parts' features in order."""
@@ -289,17 +304,6 @@ class BranchRunner:
             return False
         return True
 
-    def _positions(self, positions: Any, batch: int, length: int, past: int, device: Any) -> torch.Tensor:
-        """Explicit positions of the caller's rows: [B, T] (1-D) or [R, B, T] (M-RoPE)."""
-        if positions is None:
-            positions = torch.arange(past, past + length, device=device)
-        positions = positions.to(device)
-        if self.adapter.position_scheme == "mrope":
-            if positions.dim() < 3:
-                positions = positions.reshape(-1, length)[None].expand(3, -1, length)
-            return positions.expand(positions.shape[0], batch, length)
-        return positions.reshape(-1, length).expand(batch, length)
-
     def _like(self, branch_pos: torch.Tensor, main_pos: torch.Tensor) -> torch.Tensor:
         """Branch positions with the caller's leading rows (M-RoPE [3, ...] and [4, ...] (text row first))."""
         if self.adapter.position_scheme != "mrope":
@@ -330,6 +334,16 @@ class BranchRunner:
                 hidden = hidden[:, keep.to(hidden.device)]
         with self.runtime.running(self.key, facts), torch.no_grad():
             self.adapter.lm_head(hidden)
+
+    def _stacked_forward(self, original: Any, new: dict[str, Any], batch: int, ctx: ForwardFacts, facts: ForwardFacts) -> Any:
+        """One forward of the caller's ``batch`` rows and the branch's below them (the caller's edits on its rows
+        only); the branch's logits go to its collects, the output keeps the caller's rows."""
+        with self.runtime.stacked(batch):
+            out = original(**new)
+        hidden = out.last_hidden_state
+        self._logits(hidden[batch:], ctx, facts)
+        out.last_hidden_state = hidden[:batch]
+        return out
 
     def _wrap_reorder(self, cache: Any, state: Branch) -> None:
         """Every reorder of the caller's cache reorders the branch the same way (``edit.reorder``)."""
@@ -421,7 +435,7 @@ class BranchRunner:
         )  # fmt: skip
         facts = self._facts(ctx, batch, b_mask.shape[1], 0, b_mask.bool())
         if batched:
-            main_pos = self._positions(kwargs.get("position_ids"), batch, length, 0, embeds.device)
+            main_pos = explicit_positions(self.runtime, kwargs.get("position_ids"), batch, length, embeds.device)
             pos = main_pos if b_pos is None else self._like(b_pos.to(embeds.device), main_pos)
             two_mask = main_mask if isinstance(main_mask, torch.Tensor) else torch.ones_like(b_mask)
             if follows and cache is None:
@@ -442,11 +456,7 @@ class BranchRunner:
                 new.update(stacked_visual_inputs(kinds, rows))
             if cache is not None:
                 new[ck] = cache
-            with runtime.stacked(batch):
-                out = original(**new)
-            hidden = out.last_hidden_state
-            self._logits(hidden[batch:], ctx, facts)
-            out.last_hidden_state = hidden[:batch]
+            out = self._stacked_forward(original, new, batch, ctx, facts)
             cache = getattr(out, "cache", None) if follows else None
             if cache is None and follows:
                 cache = getattr(out, "past_key_values", None)
@@ -505,17 +515,16 @@ class BranchRunner:
         )  # fmt: skip
         generated = main_mask[:, state.main_prompt :].to(state.prompt_mask.device)
         b_mask = torch.cat([state.prompt_mask, generated], dim=1)
+        main_pos = explicit_positions(self.runtime, kwargs.get("position_ids"), batch, q_len, embeds.device, past)
         if self.part == "text_only":
             steps = torch.arange(q_len, device=embeds.device)
             b_pos1 = state.next_pos.to(embeds.device)[:, None] + steps[None, :]
-            main_pos = self._positions(kwargs.get("position_ids"), batch, q_len, past, embeds.device)
             b_pos: torch.Tensor | None = self._like(b_pos1, main_pos)
         else:
             b_pos = kwargs.get("position_ids")
         b_past = past if state.batched else int(state.cache.get_seq_length())
         facts = self._facts(ctx, batch, q_len, b_past, b_mask.bool())
         if state.batched:
-            main_pos = self._positions(kwargs.get("position_ids"), batch, q_len, past, embeds.device)
             pos = main_pos if b_pos is None else b_pos.to(embeds.device)
             new = {k: v for k, v in kwargs.items() if k not in ("input_ids", "past_key_values", "cache")}
             new.update(
@@ -524,11 +533,7 @@ class BranchRunner:
                 position_ids=torch.cat([main_pos, pos], dim=-2),
             )
             new[ck] = cache
-            with runtime.stacked(batch):
-                out = original(**new)
-            hidden = out.last_hidden_state
-            self._logits(hidden[batch:], ctx, facts)
-            out.last_hidden_state = hidden[:batch]
+            out = self._stacked_forward(original, new, batch, ctx, facts)
         else:
             b_kwargs = {
                 "inputs_embeds": embeds, "attention_mask": b_mask, "position_ids": b_pos, "cache": state.cache,

@@ -30,6 +30,7 @@ from torch import nn
 from steer.backends.transformers.branches import (
     distorted_embeddings,
     distorted_visual_inputs,
+    explicit_positions,
     install_branch,
     install_distortion,
     stacked_visual_inputs,
@@ -112,19 +113,6 @@ def _build(part: str, runtime: Runtime, kwargs: dict, args: tuple, ctx: ForwardF
     if part == "distorted":
         return BUILDERS[part](runtime, kwargs, args, ctx, length, edit=edit)
     return BUILDERS[part](runtime, kwargs, args, ctx, length)
-
-
-def explicit_positions(runtime: Runtime, positions: torch.Tensor | None, batch: int, width: int, device: Any) -> torch.Tensor:
-    """Position ids as the language model would use them, with the batch dimension spelled out: [B, T]
-    (1-D RoPE) or [R, B, T] (M-RoPE, R = 3 or 4). ``None`` means the model's default 0..T-1."""
-    if positions is None:
-        positions = torch.arange(width, device=device)
-    positions = positions.to(device)
-    if runtime.adapter.position_scheme == "mrope":
-        if positions.dim() < 3:
-            positions = positions.reshape(-1, width)[None].expand(3, -1, width)
-        return positions.expand(positions.shape[0], batch, width)
-    return positions.reshape(-1, width).expand(batch, width)
 
 
 def stacked_inputs(
