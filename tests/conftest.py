@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Triton kernels run in Triton's CPU interpreter where there is no GPU. It must be chosen before anything
@@ -27,6 +28,16 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = str(tmp_path_factory.mktemp("zoo"))
     os.environ["STEER_ZOO_DIR"] = path
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Any:
+    """Tiny models: one intra-op thread is as fast and does not spin against other work on a shared 2-core CPU
+    (a module uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -26,16 +26,7 @@ from steer.methods.vlm.cca import (
 )
 from steer.registry import resolve_params
 
-pytestmark = pytest.mark.filterwarnings("ignore:CCA was trained")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and keeps the timing stable on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:CCA was trained"), pytest.mark.usefixtures("one_thread")]
 
 
 # ---- helpers -----------------------------------------------------------------------------------------

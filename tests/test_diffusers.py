@@ -38,12 +38,7 @@ from steer.methods.diffusion.losses import (
 PROMPT = "a cat and a dog"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,7 @@ from steer.methods.vlm.opera import (
 OPERA_NEW_FAMILIES = tuple(f for f in NEW_FAMILIES if f != "gemma3")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
 def beams(model, inputs, n: int = 8, **kw) -> torch.Tensor:

@@ -30,13 +30,7 @@ from steer.kernels.reference import eager_attention, explicit_score_reference
 from steer.methods.vlm import pai as pai_module
 from steer.methods.vlm.pai import boost, cfg
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
 @pytest.fixture

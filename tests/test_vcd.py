@@ -31,13 +31,7 @@ from steer.errors import DecodingModeError, InvalidParameterError, MissingImageT
 from steer.methods.vlm import vcd as vcd_module
 from steer.methods.vlm.vcd import contrast, diffuse, m3id, m3id_weight, noise_schedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
 def halve(x: torch.Tensor, generator: object = None) -> torch.Tensor:

@@ -34,13 +34,7 @@ VSV_ONLY = {"enable_sla": False}
 SLA_ONLY = {"enable_vsv": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast and does not spin against other work on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread for tiny models
 
 
 def sample(model, inputs, n: int, seed: int = 7) -> torch.Tensor:
