@@ -281,9 +281,18 @@ def _steered_attention(
                 mask = value_.bool().expand(batch, -1, q_len, k_len)
             else:
                 bias = value_ if bias is None else bias + value_
-        for collect in prob_collects:
+        if prob_collects or edited_collects:
+            if edited_collects and score_edits:
+                raise NotImplementedError("Collect(site='layer.attn.probs.edited') on a layer with a ScoreEdit")
             allowed = mask if mask is not None else lse.causal_mask(q_len, k_len, query.device)
-            store(collect, context_for(collect), attention_probs(query, key, allowed, bias, scale))
+            if prob_collects or not reweights:  # without a reweight the edited probabilities are these
+                plain = attention_probs(query, key, allowed, bias, scale)
+                for collect in (*prob_collects, *([] if reweights else edited_collects)):
+                    store(collect, context_for(collect), plain)
+            if reweights and edited_collects:
+                edited = reweighted_probs(reweights[0], context_for, query, key, value, allowed, bias, scale)
+                for collect in edited_collects:
+                    store(collect, context_for(collect), edited)
         base_lse = None
         base: torch.Tensor | Callable[[], torch.Tensor]
         if changed:
@@ -303,11 +312,6 @@ def _steered_attention(
             # a reweight may not need it (the Triton path computes decode rows and their base in one pass), nor
             # explicit scores that edit every row (a decode step)
             base = backend_output if (reweights or score_edits) else backend_output()
-        if edited_collects:
-            allowed = mask if mask is not None else lse.causal_mask(q_len, k_len, query.device)
-            edited = edited_probs(runtime, reweights, score_edits, context_for, query, key, value, allowed, bias, scale)
-            for collect in edited_collects:
-                store(collect, context_for(collect), edited)
         if reweights:
             if len(reweights) > 1:
                 raise RuntimeError(
@@ -339,10 +343,8 @@ def _steered_attention(
     return out.to(query.dtype).contiguous()
 
 
-def edited_probs(
-    runtime: Runtime,
-    reweights: list[GroupReweight],
-    score_edits: list[ScoreEdit],
+def reweighted_probs(
+    edit: GroupReweight,
     context_for: Callable[[Any], EditContext],
     query: torch.Tensor,
     key: torch.Tensor,
@@ -351,18 +353,13 @@ def edited_probs(
     bias: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """The probabilities a layer's output is made of, [B, H, Lq, Lk] fp32: after its mask edits (``mask``,
-    ``bias``) and its :class:`GroupReweight` (``p'_qj = c_g(j) p_qj``, on the materialised rows; see
+    """The probabilities a reweighted layer's output is made of, [B, H, Lq, Lk] fp32: ``p'_qj = c_g(j) p_qj``
+    after the layer's mask edits (``mask``), on the materialised rows (see
     `steer.kernels.reference.group_reweight_reference`)."""
-    if score_edits:
-        raise NotImplementedError("Collect(site='layer.attn.probs.edited') on a layer with a ScoreEdit")
-    if not reweights:
-        return attention_probs(query, key, mask, bias, scale)
     if bias is not None:
         raise NotImplementedError("GroupReweight together with an additive mask on one layer")
     from steer.kernels.reference import group_reweight_reference
 
-    edit = reweights[0]
     ectx = context_for(edit)
     labels = group_labels(edit, ectx, key.shape[2], key.device)
     rows = edited_rows(edit, ectx, query.shape[2], query.shape[0], query.device)
