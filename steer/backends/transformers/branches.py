@@ -335,6 +335,10 @@ class BranchRunner:
         with self.runtime.running(self.key, facts), torch.no_grad():
             self.adapter.lm_head(hidden)
 
+    def _visual_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The caller's image inputs besides the embeddings (the adapter's ``lm_visual_inputs``: DeepStack)."""
+        return {k: kwargs[k] for k in self.adapter.lm_visual_inputs if kwargs.get(k) is not None}
+
     def _stacked_forward(self, original: Any, new: dict[str, Any], batch: int, ctx: ForwardFacts, facts: ForwardFacts) -> Any:
         """One forward of the caller's ``batch`` rows and the branch's below them (the caller's edits on its rows
         only); the branch's logits go to its collects, the output keeps the caller's rows."""
@@ -394,7 +398,7 @@ class BranchRunner:
             }
         if self.part == "same":
             branch_embeds = embeds
-            visual = {k: kwargs[k] for k in self.adapter.lm_visual_inputs if kwargs.get(k) is not None}
+            visual = self._visual_inputs(kwargs)
         else:
             branch_embeds = distorted_embeddings(self.runtime, self.edit, embeds, ctx)
             visual = distorted_visual_inputs(self.runtime, self.edit, ctx, kwargs)
@@ -447,7 +451,7 @@ class BranchRunner:
                 position_ids=torch.cat([main_pos, pos], dim=-2),
             )
             kinds = self.adapter.lm_visual_inputs
-            main_visual = {k: kwargs[k] for k in kinds if kwargs.get(k) is not None}
+            main_visual = self._visual_inputs(kwargs)
             if main_visual or branch["visual"]:  # DeepStack: the rows' features and row masks, stacked
                 rows = [
                     {**main_visual, "image": torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)},
