@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
 import torch
 from transformers import LogitsProcessor
 
+import steer
 from steer import zoo
 from steer.adapters import adapter_for
+from steer.errors import InvalidParameterError
 
 
 class Prefixes(LogitsProcessor):
@@ -157,3 +160,15 @@ def same_fingerprint(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 #: Families whose model hands its language model a mask per layer type (Gemma 3: bidirectional images, sliding
 #: windows) instead of a [B, L] mask: a contrastive branch cannot be stacked with the caller's rows there.
 MASK_MAPPING_FAMILIES = ("gemma3",)
+
+
+def batched_mode(model: Any, inputs: Any, family: str, method: str) -> str:
+    """The ``batch`` setting whose branch runs stacked with the caller's rows where the family allows it:
+    ``"batched"``; on a mask-mapping family that setting is a typed error (checked here) and ``"auto"`` falls
+    back to the sequential branch."""
+    if family not in MASK_MAPPING_FAMILIES:
+        return "batched"
+    with pytest.raises(InvalidParameterError, match="batch='batched' needs"), steer.apply(model, method, batch="batched"):
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    return "auto"

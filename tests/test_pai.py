@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from baselines_helpers import (
-    MASK_MAPPING_FAMILIES,
     Prefixes,
+    batched_mode,
     model_fingerprint,
     same_fingerprint,
     sampled_rows_equal_alone,
@@ -183,11 +183,7 @@ def test_batched_branch_equals_sequential(family: str, recorder: list) -> None:
     model, processor = zoo.load_tiny(family)
     inputs = batch_inputs(processor, family, n=3)
     runs = {}
-    batched = "batched"
-    if family in MASK_MAPPING_FAMILIES:  # the model hands its language model a mask per layer type, not [B, L]
-        with pytest.raises(InvalidParameterError, match="batch='batched' needs"), steer.apply(model, "pai", batch="batched"):
-            generate(model, inputs, max_new_tokens=1)
-        batched = "auto"  # falls back to the sequential branch
+    batched = batched_mode(model, inputs, family, "pai")
     for batch in (batched, "sequential"):
         recorder.clear()
         with steer.apply(model, "pai", alpha=0.5, gamma=2.0, batch=batch):
